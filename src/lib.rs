@@ -1,0 +1,15 @@
+//! nodedns: a node-local DNS cache agent for Kubernetes.
+//!
+//! The crate is split by concern. `wire`, `cache` and `handler` are sans-IO (they take `now` as an
+//! argument and touch no sockets); `upstream`, `server`, `netif`, `firewall` and `admin` are the edges.
+
+pub mod admin;
+pub mod cache;
+pub mod config;
+pub mod firewall;
+pub mod handler;
+pub mod metrics;
+pub mod netif;
+pub mod server;
+pub mod upstream;
+pub mod wire;

@@ -1,0 +1,1 @@
+//! netif (to be written)
