@@ -1,0 +1,1 @@
+//! core_e2e (in progress)

@@ -1,0 +1,1 @@
+//! dig (in progress)

@@ -1,0 +1,11 @@
+//! End-to-end tests for nodedns: the real binary against in-process fake upstreams.
+//!
+//! One test binary; modules share the harness (`harness`) and the fake upstream (`fake_upstream`).
+
+mod cli;
+mod core_e2e;
+mod dig;
+mod fake_selftest;
+mod fake_upstream;
+mod harness;
+mod robustness;
