@@ -30,7 +30,7 @@ async fn health_query_answered_locally() {
     assert_eq!(m.id, 0x1234);
     assert_eq!(m.response_code, ResponseCode::NoError);
     assert_eq!(
-        up.total_queries(),
+        up.queries("health.nodedns"),
         0,
         "the health query must not be forwarded"
     );
@@ -728,7 +728,17 @@ async fn other_record_types_forwarded() {
         let r = query_udp(node.addr, "v6.example", RecordType::AAAA, None, false).await;
         assert_eq!(r.answers[0].record_type(), RecordType::AAAA);
     }
-    assert_eq!(up.total_queries(), 3, "second round must be all hits");
+    for name in [
+        "_http._tcp.web.default.svc.cluster.local",
+        "1.0.0.10.in-addr.arpa",
+        "v6.example",
+    ] {
+        assert_eq!(
+            up.queries(name),
+            1,
+            "{name}: the second query must be a hit"
+        );
+    }
 }
 
 #[tokio::test]
@@ -828,4 +838,79 @@ async fn forward_with_multiple_addresses() {
         r.response_code
     );
     assert_eq!(c.queries("m.cluster.local"), 0);
+}
+
+#[tokio::test]
+async fn upstream_failover_between_upstreams() {
+    let dead = FakeUpstream::start().await;
+    let live = FakeUpstream::start().await;
+    for up in [&dead, &live] {
+        up.set_a("fo.example", IP1, 30);
+    }
+    dead.set_behavior("fo.example", Behavior::Drop);
+    let args: Vec<String> = [
+        "--upstream",
+        &dead.addr_str(),
+        "--upstream",
+        &live.addr_str(),
+        "--attempt-timeout",
+        "300ms",
+        "--query-deadline",
+        "3s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let node = Nodedns::start(&args).await;
+    let q = build_query("fo.example", RecordType::A, None, false);
+    let raw = udp_exchange_raw(node.addr, &q.to_vec().unwrap(), Duration::from_secs(4))
+        .await
+        .expect("reply within the deadline");
+    let r = Message::from_vec(&raw).unwrap();
+    assert_eq!(
+        a_addrs(&r),
+        vec![IP1],
+        "one upstream drops: the other must answer (got {:?})",
+        r.response_code
+    );
+    assert_eq!(live.queries("fo.example"), 1);
+}
+
+#[tokio::test]
+async fn min_ttl_keeps_short_lived_entries() {
+    let up = FakeUpstream::start().await;
+    up.set_a("short.example", IP1, 1);
+    let node = Nodedns::with_upstream(&up, &["--min-ttl", "10s"]).await;
+    let r = query_udp(node.addr, "short.example", RecordType::A, None, false).await;
+    assert_eq!(a_addrs(&r), vec![IP1]);
+    // Real time past the upstream TTL (1 s) but well within --min-ttl.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = query_udp(node.addr, "short.example", RecordType::A, None, false).await;
+    assert_eq!(a_addrs(&r), vec![IP1]);
+    assert_eq!(
+        up.queries("short.example"),
+        1,
+        "--min-ttl 10s: an entry with upstream TTL 1 must still be cached after 2 s"
+    );
+}
+
+#[tokio::test]
+async fn listens_on_every_listen_address() {
+    let up = FakeUpstream::start().await;
+    up.set_a("two.example", IP1, 30);
+    let second: std::net::SocketAddr = format!("127.0.0.1:{}", crate::harness::free_port())
+        .parse()
+        .unwrap();
+    let node = Nodedns::with_upstream(&up, &["--listen", &second.to_string()]).await;
+    for addr in [node.addr, second] {
+        let r = query_udp(addr, "two.example", RecordType::A, None, false).await;
+        assert_eq!(a_addrs(&r), vec![IP1], "UDP on {addr}");
+        let r = query_tcp(addr, "two.example", RecordType::A, None, false).await;
+        assert_eq!(a_addrs(&r), vec![IP1], "TCP on {addr}");
+    }
+    assert_eq!(
+        up.queries("two.example"),
+        1,
+        "one cache shared by all listeners"
+    );
 }

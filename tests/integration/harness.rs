@@ -15,6 +15,12 @@ use crate::fake_upstream::FakeUpstream;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_nodedns");
 
+/// The binary the end-to-end tests run: `NODEDNS_TEST_BIN` if set (e.g. a release build), else
+/// the one Cargo built for this test.
+pub fn bin() -> String {
+    std::env::var("NODEDNS_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 /// How long a helper waits for one reply before giving up.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(8);
 
@@ -63,7 +69,7 @@ impl Rng {
 fn help_mentions(flag: &str) -> bool {
     static HELP: OnceLock<String> = OnceLock::new();
     let help = HELP.get_or_init(|| {
-        Command::new(BIN)
+        Command::new(bin())
             .arg("--help")
             .output()
             .map(|o| {
@@ -111,7 +117,7 @@ impl Nodedns {
         for _attempt in 0..3 {
             let port = free_port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-            let mut cmd = Command::new(BIN);
+            let mut cmd = Command::new(bin());
             cmd.arg("--listen").arg(addr.to_string());
             if help_mentions("--setup-interface") {
                 cmd.arg("--setup-interface=false");
