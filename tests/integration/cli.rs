@@ -3,11 +3,11 @@
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::BIN;
+use crate::harness::{bin, free_port, safety_args};
 
 /// Runs the binary with `args` and waits (bounded, 10 s) for it to exit.
 fn run(args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -31,8 +31,17 @@ fn run(args: &[&str]) -> Output {
     }
 }
 
+/// Runs the binary with `args` (plus the safety flags and, unless `args` has one, a loopback
+/// `--listen`, so that a wrongly accepted command line cannot touch the host) and checks that it
+/// fails as a usage error.
 fn assert_usage_error(args: &[&str]) {
-    let out = run(args);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut full: Vec<&str> = safety_args();
+    if !args.contains(&"--listen") {
+        full.extend(["--listen", &listen]);
+    }
+    full.extend_from_slice(args);
+    let out = run(&full);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),

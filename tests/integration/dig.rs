@@ -118,5 +118,4 @@ async fn dig_large_answer_falls_back_to_tcp() {
         out.contains("ANSWER: 40"),
         "40 answers expected after dig's TCP retry:\n{out}"
     );
-    assert!(!out.contains("Truncated, retrying in TCP mode") || out.contains("ANSWER: 40"));
 }

@@ -66,7 +66,7 @@ impl Rng {
 }
 
 /// Whether the binary documents `flag` in its `--help` (computed once).
-fn help_mentions(flag: &str) -> bool {
+pub fn help_mentions(flag: &str) -> bool {
     static HELP: OnceLock<String> = OnceLock::new();
     let help = HELP.get_or_init(|| {
         Command::new(bin())
@@ -79,6 +79,19 @@ fn help_mentions(flag: &str) -> bool {
             .unwrap_or_default()
     });
     help.contains(flag)
+}
+
+/// `--setup-interface=false --firewall none`, each only if the binary documents it: the tests
+/// must never touch the host's interfaces or firewall.
+pub fn safety_args() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if help_mentions("--setup-interface") {
+        v.push("--setup-interface=false");
+    }
+    if help_mentions("--firewall") {
+        v.extend(["--firewall", "none"]);
+    }
+    v
 }
 
 /// Finds a loopback port that is free for both UDP and TCP (bound, then released).
@@ -119,12 +132,7 @@ impl Nodedns {
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
             let mut cmd = Command::new(bin());
             cmd.arg("--listen").arg(addr.to_string());
-            if help_mentions("--setup-interface") {
-                cmd.arg("--setup-interface=false");
-            }
-            if help_mentions("--firewall") {
-                cmd.args(["--firewall", "none"]);
-            }
+            cmd.args(safety_args());
             if let Ok(level) = std::env::var("NODEDNS_TEST_LOG_LEVEL") {
                 cmd.args(["--log-level", &level]);
             }
