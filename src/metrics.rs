@@ -740,7 +740,10 @@ impl Collector for ScrapeCollector {
                 .workers
                 .iter()
                 .map(|w| w.in_flight.load(Relaxed))
-                .fold(0i64, i64::wrapping_add);
+                .fold(0i64, i64::wrapping_add)
+                // An inc on one shard and its dec on another can be read out of order by a
+                // scrape that runs between them; never report a negative count.
+                .max(0);
             enc.encode_descriptor(
                 "nodedns_requests_in_flight",
                 "Requests received and not yet answered",
