@@ -8,6 +8,7 @@ pub mod cache;
 pub mod config;
 pub mod firewall;
 pub mod handler;
+pub mod logging;
 pub mod metrics;
 pub mod netif;
 pub mod server;
