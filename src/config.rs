@@ -8,7 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, Parser};
+
+pub use crate::logging::LogFormat;
 use thiserror::Error;
 
 use crate::cache::Limits;
@@ -138,16 +140,34 @@ pub struct Cli {
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
 
-    /// Log format.
+    /// Log format: text or json.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Log every answered query (name, type, rcode, source) at info level.
+    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
+    pub log_queries: bool,
+
+    /// Address of the Prometheus /metrics endpoint (also serves /health and /ready); `off` disables.
+    #[arg(long, value_name = "ADDR:PORT|off", default_value = "0.0.0.0:9253", value_parser = parse_optional_listen)]
+    pub metrics_listen: OptionalAddr,
+
+    /// Address of the /health and /ready endpoints (also serves /metrics); default: the first
+    /// --listen IP, port 8080 (as the addon's health plugin); `off` disables.
+    #[arg(long, value_name = "ADDR:PORT|off", value_parser = parse_optional_listen)]
+    pub health_listen: Option<OptionalAddr>,
 }
 
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
+/// A listen address that may be turned off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+/// Parses `IP:PORT` or `off`.
+pub fn parse_optional_listen(s: &str) -> Result<OptionalAddr, String> {
+    match s.trim() {
+        "off" | "none" | "" => Ok(OptionalAddr(None)),
+        a => parse_listen(a).map(|a| OptionalAddr(Some(a))),
+    }
 }
 
 /// A bad configuration, reported in one line before anything starts.
@@ -174,6 +194,21 @@ pub struct Config {
     pub limits: Limits,
     pub upstream: upstream::Options,
     pub server: crate::server::Options,
+    pub metrics_listen: Option<SocketAddr>,
+    pub health_listen: Option<SocketAddr>,
+    pub log_queries: bool,
+    pub node: NodeOptions,
+}
+
+/// Node setup: the link, its addresses and the packet-filter rules.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub setup_interface: bool,
+    pub interface: String,
+    pub link_kind: String,
+    pub firewall: String,
+    pub sync_interval: Duration,
+    pub skip_teardown: bool,
 }
 
 /// Parses `30`, `500ms`, `5s`, `1m`, `1h` into a duration.
@@ -354,7 +389,22 @@ impl Cli {
         } else {
             self.workers
         };
+        let health_listen = match self.health_listen {
+            Some(OptionalAddr(a)) => a,
+            None => Some(SocketAddr::new(self.listen[0].ip(), 8080)),
+        };
         Ok(Config {
+            metrics_listen: self.metrics_listen.0,
+            health_listen,
+            log_queries: self.log_queries,
+            node: NodeOptions {
+                setup_interface: self.setup_interface,
+                interface: self.interface.clone(),
+                link_kind: self.link_kind.clone(),
+                firewall: self.firewall.clone(),
+                sync_interval: self.sync_interval,
+                skip_teardown: self.skip_teardown,
+            },
             listen: self.listen.clone(),
             zones,
             policy: TtlPolicy {

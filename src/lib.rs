@@ -4,6 +4,7 @@
 //! argument and touch no sockets); `upstream`, `server`, `netif`, `firewall` and `admin` are the edges.
 
 pub mod admin;
+pub mod app;
 pub mod cache;
 pub mod config;
 pub mod firewall;

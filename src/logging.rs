@@ -41,6 +41,7 @@ pub fn init_logging(level: &str, format: LogFormat) -> Result<(), LoggingError> 
     let filter = build_filter(level, std::env::var("RUST_LOG").ok().as_deref())?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let res = match format {
         LogFormat::Text => builder.try_init(),

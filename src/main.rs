@@ -1,16 +1,12 @@
-//! The nodedns binary: flags → config → listeners → signals → shutdown.
+//! The nodedns binary: parse flags, start logging, run [`nodedns::app::run`] until SIGTERM/SIGINT.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use clap::error::ErrorKind;
 
-use nodedns::cache::Cache;
-use nodedns::config::{Cli, Config, LogFormat};
-use nodedns::handler::Handler;
-use nodedns::server::{Ctx, Listeners, NoRecorder};
-use nodedns::upstream::{NoObserver, Upstreams};
+use nodedns::config::Cli;
+use nodedns::logging::init_logging;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -27,7 +23,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&cli.log_level, cli.log_format);
+    if let Err(e) = init_logging(&cli.log_level, cli.log_format) {
+        eprintln!("nodedns: {e}");
+        return ExitCode::from(2);
+    }
     let config = match cli.into_config(|k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
@@ -46,48 +45,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(config)) {
+    match rt.block_on(nodedns::app::run(config, wait_for_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nodedns: {e:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(level: &str, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-async fn run(config: Config) -> anyhow::Result<()> {
-    let upstreams = Upstreams::new(&config.zones, config.upstream, Arc::new(NoObserver))
-        .map_err(anyhow::Error::msg)?;
-    for z in &config.zones {
-        tracing::info!(zone = %z.zone, servers = ?z.servers, "forwarding");
-    }
-    let handler = Handler::new(Cache::new(config.limits), config.policy);
-    let ctx = Arc::new(Ctx::new(
-        handler,
-        upstreams,
-        Arc::new(NoRecorder),
-        config.server.max_concurrent,
-    ));
-    let listeners = Listeners::start(ctx, &config.server)?;
-    tracing::info!(listen = ?listeners.bound, "serving DNS");
-    wait_for_signal().await;
-    tracing::info!("shutting down");
-    listeners.shutdown().await;
-    Ok(())
 }
 
 async fn wait_for_signal() {

@@ -354,6 +354,9 @@ pub struct CacheSnapshot {
     pub negative_entries: u64,
     pub positive_bytes: u64,
     pub negative_bytes: u64,
+    /// Evictions the cache counted itself (added to those reported with `cache_eviction`).
+    pub positive_evictions: u64,
+    pub negative_evictions: u64,
 }
 
 type SnapshotProvider = Box<dyn Fn() -> CacheSnapshot + Send + Sync>;
@@ -608,7 +611,8 @@ impl Collector for ScrapeCollector {
             sum_workers(core, |w| w.cache_misses.load(Relaxed)),
         )?;
 
-        // nodedns_cache_evictions_total{kind}
+        // nodedns_cache_evictions_total{kind}: counted here and/or by the cache itself (snapshot).
+        let snap = core.cache_snapshot.get().map(|f| f()).unwrap_or_default();
         {
             let mut m = enc.encode_descriptor(
                 "nodedns_cache_evictions",
@@ -617,14 +621,17 @@ impl Collector for ScrapeCollector {
                 MetricType::Counter,
             )?;
             for kind in CacheKind::ALL {
-                let v = core.shared.evictions[kind as usize].load(Relaxed);
+                let from_cache = match kind {
+                    CacheKind::Positive => snap.positive_evictions,
+                    CacheKind::Negative => snap.negative_evictions,
+                };
+                let v = core.shared.evictions[kind as usize].load(Relaxed) + from_cache;
                 m.encode_family(&[("kind", kind.label())])?
                     .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
             }
         }
 
         // nodedns_cache_entries{kind}, nodedns_cache_bytes{kind}
-        let snap = core.cache_snapshot.get().map(|f| f()).unwrap_or_default();
         {
             let mut m = enc.encode_descriptor(
                 "nodedns_cache_entries",
@@ -862,6 +869,7 @@ mod tests {
             negative_entries: 2,
             positive_bytes: 700,
             negative_bytes: 90,
+            ..Default::default()
         }));
         assert!(!m.set_cache_snapshot_provider(CacheSnapshot::default));
 

@@ -72,16 +72,20 @@ pub enum ServerError {
 
 /// Told about every reply sent (metrics and the query log implement it).
 pub trait Recorder: Send + Sync {
-    fn answered(&self, worker: usize, proto: Proto, answered: &Answered);
+    /// A reply was sent for `query` (the client's packet, for the query log).
+    fn answered(&self, worker: usize, proto: Proto, answered: &Answered, query: &[u8]);
+    /// A query missed the cache and is forwarded.
+    fn miss(&self, worker: usize);
     /// A forwarded query started (+1) or finished (-1).
-    fn in_flight(&self, delta: i64);
+    fn in_flight(&self, worker: usize, delta: i64);
 }
 
 /// Records nothing.
 pub struct NoRecorder;
 impl Recorder for NoRecorder {
-    fn answered(&self, _: usize, _: Proto, _: &Answered) {}
-    fn in_flight(&self, _: i64) {}
+    fn answered(&self, _: usize, _: Proto, _: &Answered, _: &[u8]) {}
+    fn miss(&self, _: usize) {}
+    fn in_flight(&self, _: usize, _: i64) {}
 }
 
 type Flight = Option<Result<Arc<Response>, ()>>;
@@ -115,18 +119,19 @@ impl Ctx {
     }
 
     /// Reserves a slot for a forwarded query, or says the limit is reached.
-    fn begin_forward(&self) -> bool {
+    fn begin_forward(&self, worker: usize) -> bool {
+        self.recorder.miss(worker);
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_concurrent {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
-        self.recorder.in_flight(1);
+        self.recorder.in_flight(worker, 1);
         true
     }
 
-    fn end_forward(&self) {
+    fn end_forward(&self, worker: usize) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.recorder.in_flight(-1);
+        self.recorder.in_flight(worker, -1);
     }
 
     /// Answers a miss: one upstream exchange per key however many clients ask at once, then the reply
@@ -486,7 +491,7 @@ fn udp_loop(
             let out = &mut b.replies[replies];
             match ctx.handler.answer(packet, Proto::Udp, now, out) {
                 Outcome::Reply(a) => {
-                    ctx.recorder.answered(worker, Proto::Udp, &a);
+                    ctx.recorder.answered(worker, Proto::Udp, &a, packet);
                     b.reply_to[replies] = i;
                     replies += 1;
                 }
@@ -495,10 +500,10 @@ fn udp_loop(
                     let Some(peer) = peer_of(&b.addrs[i]) else {
                         continue;
                     };
-                    if !ctx.begin_forward() {
+                    if !ctx.begin_forward(worker) {
                         if let Ok(v) = wire::scan_query(packet) {
                             let a = ctx.handler.fail(&v, rcode::REFUSED, out);
-                            ctx.recorder.answered(worker, Proto::Udp, &a);
+                            ctx.recorder.answered(worker, Proto::Udp, &a, packet);
                             b.reply_to[replies] = i;
                             replies += 1;
                         }
@@ -509,12 +514,12 @@ fn udp_loop(
                     rt.spawn(async move {
                         let mut out = Vec::with_capacity(512);
                         if let Some(a) = ctx.resolve_miss(&packet, Proto::Udp, &mut out).await {
-                            ctx.recorder.answered(worker, Proto::Udp, &a);
+                            ctx.recorder.answered(worker, Proto::Udp, &a, &packet);
                             if let Err(e) = sock.send_to(&out, peer) {
                                 tracing::debug!(%peer, error = %e, "udp send");
                             }
                         }
-                        ctx.end_forward();
+                        ctx.end_forward(worker);
                     });
                 }
             }
@@ -602,17 +607,17 @@ async fn tcp_conn(
             .answer(&msg, Proto::Tcp, Instant::now(), &mut body)
         {
             Outcome::Reply(a) => {
-                ctx.recorder.answered(0, Proto::Tcp, &a);
+                ctx.recorder.answered(0, Proto::Tcp, &a, &msg);
                 if tx.send(frame(body)).await.is_err() {
                     break;
                 }
             }
             Outcome::Drop => {}
             Outcome::Forward { .. } => {
-                if !ctx.begin_forward() {
+                if !ctx.begin_forward(0) {
                     if let Ok(v) = wire::scan_query(&msg) {
                         let a = ctx.handler.fail(&v, rcode::REFUSED, &mut body);
-                        ctx.recorder.answered(0, Proto::Tcp, &a);
+                        ctx.recorder.answered(0, Proto::Tcp, &a, &msg);
                         if tx.send(frame(body)).await.is_err() {
                             break;
                         }
@@ -620,16 +625,16 @@ async fn tcp_conn(
                     continue;
                 }
                 let Ok(permit) = pipeline.clone().acquire_owned().await else {
-                    ctx.end_forward();
+                    ctx.end_forward(0);
                     break;
                 };
                 let (ctx, tx) = (ctx.clone(), tx.clone());
                 tokio::spawn(async move {
                     if let Some(a) = ctx.resolve_miss(&msg, Proto::Tcp, &mut body).await {
-                        ctx.recorder.answered(0, Proto::Tcp, &a);
+                        ctx.recorder.answered(0, Proto::Tcp, &a, &msg);
                         let _ = tx.send(frame(body)).await;
                     }
-                    ctx.end_forward();
+                    ctx.end_forward(0);
                     drop(permit);
                 });
             }

@@ -143,11 +143,7 @@ pub fn zone_to_wire(zone: &str) -> Result<Vec<u8>, String> {
 }
 
 impl Upstreams {
-    pub fn new(
-        zones: &[ZoneSpec],
-        opts: Options,
-        observer: Arc<dyn Observer>,
-    ) -> Result<Upstreams, String> {
+    pub fn new(zones: &[ZoneSpec], opts: Options) -> Result<Upstreams, String> {
         let mut servers: Vec<SocketAddr> = Vec::new();
         let mut routes = HashMap::new();
         for z in zones {
@@ -180,8 +176,36 @@ impl Upstreams {
             servers,
             pools,
             opts,
-            observer,
+            observer: Arc::new(NoObserver),
         })
+    }
+
+    /// Sets who is told about every attempt (metrics). Servers are indexed as in [`Self::servers`].
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Upstreams {
+        self.observer = observer;
+        self
+    }
+
+    /// Asks every server for `. NS` over UDP and says whether any answered within `timeout`
+    /// (the readiness check; what it answers does not matter).
+    pub async fn probe(&self, timeout: Duration) -> bool {
+        // Header: RD, one question; question: root, NS, IN.
+        let question: &[u8] = &[0, 0, 2, 0, 1];
+        let probes = self.servers.iter().map(|&addr| async move {
+            let id: u16 = rand::random();
+            let mut q = Vec::with_capacity(17);
+            q.extend_from_slice(&id.to_be_bytes());
+            q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+            q.extend_from_slice(question);
+            matches!(
+                tokio::time::timeout(timeout, udp_exchange(addr, &q, id, question)).await,
+                Ok(Ok(_))
+            )
+        });
+        futures_util::future::join_all(probes)
+            .await
+            .into_iter()
+            .any(|ok| ok)
     }
 
     /// Every distinct server, in the order metrics label them.
@@ -225,7 +249,10 @@ impl Upstreams {
         // better.
         let mut fallback: Option<Reply> = None;
         let mut query = Vec::with_capacity(view.question.len() + 32);
-        for attempt in 0.. {
+        // Each server twice (at least three tries in all), within the deadline: enough to ride out a
+        // lost datagram, and a bound when servers fail fast (connection refused).
+        let max_attempts = (2 * n).max(3);
+        for attempt in 0..max_attempts {
             let now = Instant::now();
             if now >= deadline || (attempt >= n && fallback.is_some()) {
                 break;

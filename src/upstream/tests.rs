@@ -9,7 +9,7 @@ fn ups(zones: &[(&str, &str)]) -> Upstreams {
             servers: vec![SocketAddr::from_str(s).unwrap()],
         })
         .collect();
-    Upstreams::new(&specs, Options::default(), Arc::new(NoObserver)).unwrap()
+    Upstreams::new(&specs, Options::default()).unwrap()
 }
 
 fn wire(name: &str) -> Vec<u8> {
