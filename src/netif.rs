@@ -20,13 +20,17 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
+use std::time::Duration;
 
-use futures_util::stream::TryStreamExt;
+use futures_util::stream::{StreamExt, TryStreamExt};
+use rtnetlink::packet_core::NetlinkPayload;
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use rtnetlink::packet_route::link::{LinkFlags, LinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkDummy, LinkUnspec};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
+use rtnetlink::{Handle, LinkBridge, LinkDummy, LinkUnspec, MulticastGroup, RouteMessageBuilder};
 
 /// Kind of link to create when the configured link does not exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -105,6 +109,12 @@ pub enum NetifError {
     /// Opening the netlink socket failed.
     #[error("cannot open netlink socket: {0}")]
     Connect(#[source] std::io::Error),
+    /// The address was added but the kernel did not make it routable in time.
+    #[error("address {ip} was added but the kernel did not install its local route within 2s")]
+    NotReady {
+        /// The address.
+        ip: IpAddr,
+    },
     /// Any other netlink failure.
     #[error("{op}: {source}")]
     Netlink {
@@ -300,13 +310,27 @@ fn host_prefix(ip: IpAddr) -> u8 {
 struct Conn {
     handle: Handle,
     task: tokio::task::JoinHandle<()>,
+    /// Unsolicited messages of the multicast groups joined in [`Conn::open`].
+    events: Events,
 }
 
+/// Unsolicited netlink messages from rtnetlink's multicast connection.
+type Events = futures_channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+)>;
+
 impl Conn {
-    fn open() -> Result<Self, NetifError> {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetifError::Connect)?;
+    /// Opens a connection subscribed to `groups` (joining a group needs no privilege).
+    fn open(groups: &[MulticastGroup]) -> Result<Self, NetifError> {
+        let (conn, handle, events) =
+            rtnetlink::new_multicast_connection(groups).map_err(NetifError::Connect)?;
         let task = tokio::spawn(conn);
-        Ok(Conn { handle, task })
+        Ok(Conn {
+            handle,
+            task,
+            events,
+        })
     }
 }
 
@@ -402,8 +426,16 @@ pub async fn ensure(cfg: &NetifConfig) -> Result<Outcome, NetifError> {
         return Ok(outcome);
     }
 
-    let conn = Conn::open()?;
-    let handle = &conn.handle;
+    // IPv6 addresses become usable only once the kernel has installed their local route, which
+    // it does asynchronously after acknowledging the add; subscribe before adding so that event
+    // cannot be missed (see `wait_local_routes`).
+    let groups: &[MulticastGroup] = if candidates.iter().any(IpAddr::is_ipv6) {
+        &[MulticastGroup::Ipv6Route]
+    } else {
+        &[]
+    };
+    let mut conn = Conn::open(groups)?;
+    let handle = &conn.handle.clone();
     let mut link = find_link(handle, &cfg.name).await?;
     let local = dump_addrs(handle).await?;
     let link_index = link.as_ref().map(|l| l.header.index);
@@ -437,12 +469,9 @@ pub async fn ensure(cfg: &NetifConfig) -> Result<Outcome, NetifError> {
     };
     let index = link.header.index;
 
-    for ip in to_add {
-        add_addr(handle, index, ip, &cfg.name).await?;
-        outcome.added.push(ip);
-    }
-
-    let has_ours = !outcome.added.is_empty() || !outcome.present.is_empty();
+    // Up before adding: setting a link up after adding IPv6 addresses works too, but a link
+    // that goes down flushes them, so doing it first keeps one order for create and repair.
+    let has_ours = !to_add.is_empty() || !outcome.present.is_empty();
     if has_ours && !link.header.flags.contains(LinkFlags::Up) {
         handle
             .link()
@@ -452,12 +481,95 @@ pub async fn ensure(cfg: &NetifConfig) -> Result<Outcome, NetifError> {
             .map_err(|e| map_err(format!("set link {} up", cfg.name), e))?;
         outcome.link_set_up = !outcome.link_created;
     }
+
+    for ip in to_add {
+        add_addr(handle, index, ip, &cfg.name).await?;
+        outcome.added.push(ip);
+    }
+    let v6: Vec<Ipv6Addr> = outcome
+        .added
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    wait_local_routes(handle, &mut conn.events, v6).await?;
     Ok(outcome)
+}
+
+/// How long the kernel gets to install the local route of a new IPv6 address.
+const LOCAL_ROUTE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the kernel routes `ip` locally right now (`ip route get`).
+async fn routed_locally(handle: &Handle, ip: Ipv6Addr) -> Result<bool, NetifError> {
+    let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+        .destination_prefix(ip, 128)
+        .build();
+    let mut routes = handle.route().get(msg).execute();
+    match routes.try_next().await {
+        Ok(Some(r)) => Ok(r.header.kind == RouteType::Local),
+        Ok(None) => Ok(false),
+        // No route at all (ENETUNREACH/EHOSTUNREACH) just means "not yet".
+        Err(e) if matches!(errno(&e), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => Ok(false),
+        Err(e) => Err(map_err(format!("route lookup for {ip}"), e)),
+    }
+}
+
+/// Waits until every address in `pending` has its local route.
+///
+/// Why: the kernel acknowledges an IPv6 address add (and `bind()` already succeeds) before its
+/// address-configuration work has inserted the `local` route; until then the prefix route
+/// sends packets for the address out of the link, where neighbour discovery fails. Measured
+/// here: about one in ten datagrams sent right after `ensure` were lost that way. The signal is
+/// the RTM_NEWROUTE notification on RTNLGRP_IPV6_ROUTE, subscribed before the add; the
+/// `ip route get` check covers routes inserted before we started listening.
+async fn wait_local_routes(
+    handle: &Handle,
+    events: &mut Events,
+    pending: Vec<Ipv6Addr>,
+) -> Result<(), NetifError> {
+    let mut pending: BTreeSet<Ipv6Addr> = pending.into_iter().collect();
+    let mut ready = Vec::new();
+    for ip in &pending {
+        if routed_locally(handle, *ip).await? {
+            ready.push(*ip);
+        }
+    }
+    for ip in ready {
+        pending.remove(&ip);
+    }
+    let wait = async {
+        while !pending.is_empty() {
+            let Some((msg, _)) = events.next().await else {
+                break;
+            };
+            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) = msg.payload
+                && r.header.kind == RouteType::Local
+            {
+                for attr in &r.attributes {
+                    if let RouteAttribute::Destination(RouteAddress::Inet6(a)) = attr {
+                        pending.remove(a);
+                    }
+                }
+            }
+        }
+    };
+    // A closed event stream or a timeout both end the wait; whatever is left did not arrive.
+    let _ = tokio::time::timeout(LOCAL_ROUTE_TIMEOUT, wait).await;
+    match pending.into_iter().next() {
+        None => Ok(()),
+        Some(ip) => Err(NetifError::NotReady { ip: IpAddr::V6(ip) }),
+    }
 }
 
 fn dedup(addrs: &[IpAddr]) -> Vec<IpAddr> {
     let mut seen = BTreeSet::new();
-    addrs.iter().copied().filter(|ip| seen.insert(*ip)).collect()
+    addrs
+        .iter()
+        .copied()
+        .filter(|ip| seen.insert(*ip))
+        .collect()
 }
 
 /// Removes what `owned` says nodedns created: the link if nodedns created it (which removes its
@@ -466,7 +578,7 @@ pub async fn teardown(owned: &Owned) -> Result<(), NetifError> {
     if owned.is_empty() {
         return Ok(());
     }
-    let conn = Conn::open()?;
+    let conn = Conn::open(&[])?;
     let handle = &conn.handle;
     let Some(link) = find_link(handle, &owned.link).await? else {
         return Ok(());
