@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-//FW use nodedns::firewall::{self, Backend, Firewall, Rules};
+use nodedns::firewall::{self, Backend, Firewall, Rules};
 use nodedns::netif::{self, LinkKind, Netif, NetifConfig, NetifError, Repair};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -347,4 +347,161 @@ fn addresses_local_elsewhere_are_not_added_and_need_no_link() {
     assert_eq!(out.added, vec![ip(V4)]);
     assert_eq!(out.local_elsewhere, vec![ip("10.96.0.11")]);
     assert!(!addrs_of(&ns, LINK).contains("10.96.0.11"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// firewall
+// ---------------------------------------------------------------------------------------------
+
+fn tool_missing(tool: &str) -> bool {
+    let missing = Command::new(tool).arg("--version").output().is_err();
+    if missing {
+        eprintln!("SKIP: `{tool}` is not installed");
+    }
+    missing
+}
+
+fn fw_rules() -> Rules {
+    Rules {
+        addrs: vec![ip(V4), ip(V6)],
+        dns_port: 53,
+        health_port: Some(8080),
+    }
+}
+
+#[test]
+fn iptables_rules_are_ensured_repaired_and_torn_down() {
+    require_env!();
+    if tool_missing("iptables-restore") || tool_missing("ip6tables-restore") {
+        return;
+    }
+    let ns = Netns::new();
+    // Foreign rules in the very chains we use, which must survive teardown.
+    let foreign4 = "-A PREROUTING -d 10.0.0.1/32 -p udp -m udp --dport 53 -j NOTRACK";
+    let foreign4f = "-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT";
+    let foreign6 = "-A OUTPUT -d fd00::1/128 -p udp -m udp --dport 53 -j NOTRACK";
+    ns.ok(&["sh", "-c", &format!("iptables -t raw {foreign4}")]);
+    ns.ok(&["sh", "-c", &format!("iptables -t filter {foreign4f}")]);
+    ns.ok(&["sh", "-c", &format!("ip6tables -t raw {foreign6}")]);
+    let save = |tool: &str| {
+        let raw = ns.ok(&[tool, "-t", "raw"]);
+        raw + &ns.ok(&[tool, "-t", "filter"])
+    };
+
+    let fw = Firewall::new(Backend::Iptables, fw_rules());
+    let wanted = firewall::iptables::rules(&fw_rules());
+    let added = ns.run(|| fw.ensure()).expect("ensure");
+    assert_eq!(added.len(), 24, "{added:#?}");
+    let (v4, v6): (Vec<_>, Vec<_>) = wanted
+        .iter()
+        .cloned()
+        .partition(|r| r.family == firewall::iptables::Family::V4);
+    assert!(firewall::iptables::missing(&v4, &save("iptables-save")).is_empty());
+    assert!(firewall::iptables::missing(&v6, &save("ip6tables-save")).is_empty());
+    // Prepended: our rules come before the foreign one in PREROUTING.
+    let raw = ns.ok(&["iptables-save", "-t", "raw"]);
+    let first = raw.lines().find(|l| l.starts_with("-A PREROUTING"));
+    assert!(first.is_some_and(|l| l.contains("nodedns:")), "{raw}");
+
+    assert_eq!(
+        ns.run(|| fw.ensure()).expect("ensure"),
+        Vec::<String>::new()
+    );
+
+    // Out-of-band deletion of one rule: only that one is re-added.
+    let victim = &v4[1];
+    ns.ok(&[
+        "sh",
+        "-c",
+        &format!(
+            "iptables -t {} {}",
+            victim.table,
+            victim.save_line().replacen("-A ", "-D ", 1)
+        ),
+    ]);
+    assert_eq!(
+        ns.run(|| fw.ensure()).expect("ensure"),
+        vec![victim.describe()]
+    );
+
+    // A duplicate of ours (as a racing second instance could leave) is removed too.
+    ns.ok(&[
+        "sh",
+        "-c",
+        &format!("iptables -t {} {}", victim.table, victim.save_line()),
+    ]);
+    ns.run(|| fw.teardown()).expect("teardown");
+    let (s4, s6) = (save("iptables-save"), save("ip6tables-save"));
+    assert!(!s4.contains("nodedns"), "{s4}");
+    assert!(!s6.contains("nodedns"), "{s6}");
+    assert!(s4.contains(foreign4), "{s4}");
+    assert!(s4.contains(foreign4f), "{s4}");
+    assert!(s6.contains(foreign6), "{s6}");
+    // Idempotent.
+    ns.run(|| fw.teardown()).expect("second teardown");
+}
+
+/// The handle of the rule `rule` in chain `chain` of our nft table.
+fn nft_handle(ns: &Netns, chain: &str, rule: &str) -> String {
+    let listing = ns.ok(&["nft", "-a", "list", "chain", "inet", "nodedns", chain]);
+    listing
+        .lines()
+        .find_map(|l| {
+            let (text, handle) = l.trim().split_once(" # handle ")?;
+            (text == rule).then(|| handle.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("rule {rule:?} not in {listing}"))
+}
+
+#[test]
+fn nftables_table_is_ensured_repaired_and_torn_down() {
+    require_env!();
+    if tool_missing("nft") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.ok(&["nft", "add", "table", "inet", "foreign"]);
+    ns.ok(&[
+        "nft",
+        "add chain inet foreign c { type filter hook input priority 0; }",
+    ]);
+    ns.ok(&["nft", "add rule inet foreign c tcp dport 22 accept"]);
+
+    let fw = Firewall::new(Backend::Nftables, fw_rules());
+    let chains = firewall::nft::chains(&fw_rules());
+    let added = ns.run(|| fw.ensure()).expect("ensure");
+    assert_eq!(added.len(), 4 + 24, "{added:#?}");
+    let listing = ns.ok(&["nft", "list", "table", "inet", "nodedns"]);
+    assert_eq!(listing, firewall::nft::table_text(&chains));
+    assert_eq!(
+        ns.run(|| fw.ensure()).expect("ensure"),
+        Vec::<String>::new()
+    );
+
+    let rule = format!("ip daddr {V4} udp dport 53 notrack");
+    let handle = nft_handle(&ns, "raw-prerouting", &rule);
+    ns.ok(&[
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        "nodedns",
+        "raw-prerouting",
+        "handle",
+        &handle,
+    ]);
+    assert_eq!(
+        ns.run(|| fw.ensure()).expect("ensure"),
+        vec![format!("nft rule inet nodedns raw-prerouting {rule}")]
+    );
+    let listing = ns.ok(&["nft", "list", "table", "inet", "nodedns"]);
+    assert_eq!(listing, firewall::nft::table_text(&chains));
+
+    ns.run(|| fw.teardown()).expect("teardown");
+    let tables = ns.ok(&["nft", "list", "tables"]);
+    assert!(!tables.contains("inet nodedns"), "{tables}");
+    assert!(tables.contains("inet foreign"), "{tables}");
+    let foreign = ns.ok(&["nft", "list", "table", "inet", "foreign"]);
+    assert!(foreign.contains("tcp dport 22 accept"), "{foreign}");
+    ns.run(|| fw.teardown()).expect("second teardown");
 }
