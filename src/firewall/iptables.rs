@@ -207,7 +207,7 @@ pub fn missing<'a>(wanted: &'a [Rule], saved: &str) -> Vec<&'a Rule> {
 }
 
 /// `(table, line)` for every nodedns rule in `saved`, duplicates included.
-pub fn ours<'a>(saved: &'a str) -> Vec<(&'static str, &'a str)> {
+pub fn ours(saved: &str) -> Vec<(&'static str, &str)> {
     TABLES
         .iter()
         .flat_map(|t| {
