@@ -505,3 +505,68 @@ fn nftables_table_is_ensured_repaired_and_torn_down() {
     assert!(foreign.contains("tcp dport 22 accept"), "{foreign}");
     ns.run(|| fw.teardown()).expect("second teardown");
 }
+
+/// Drops CAP_NET_ADMIN from the calling thread's effective set (capabilities are per thread, so
+/// the rest of the test process keeps it).
+fn drop_net_admin_on_this_thread() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_NET_ADMIN: u32 = 12;
+    let mut hdr = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset with a v3 header read/write exactly two `Data` structs.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) };
+    assert_eq!(rc, 0, "capget");
+    data[0].effective &= !(1 << CAP_NET_ADMIN);
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) };
+    assert_eq!(rc, 0, "capset");
+}
+
+#[test]
+fn without_cap_net_admin_local_addresses_work_and_others_name_the_capability() {
+    require_env!();
+    let ns = Netns::new();
+    ns.ok(&["ip", "addr", "add", "10.96.0.10/32", "dev", "lo"]);
+    let local = cfg(LinkKind::Bridge, &["10.96.0.10", "127.0.0.1"]);
+    let needs_link = cfg(LinkKind::Bridge, &[V4]);
+    let (ok, err) = ns.run(|| {
+        drop_net_admin_on_this_thread();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(async {
+            (
+                netif::ensure(&local).await,
+                netif::ensure(&needs_link).await,
+            )
+        })
+    });
+    let ok = ok.expect("read-only ensure must work without CAP_NET_ADMIN");
+    assert!(ok.is_noop());
+    match err {
+        Err(e @ NetifError::PermissionDenied { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("CAP_NET_ADMIN") && !msg.contains('\n'),
+                "{msg}"
+            );
+        }
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+    assert!(!link_exists(&ns, LINK));
+}
