@@ -1,1 +1,241 @@
-//! cache (to be written)
+//! The response cache: whole upstream responses in wire format, keyed by (name, type, class, DO, CD).
+//!
+//! Two bounded caches, one for positive answers and one for negative ones (NXDOMAIN, NODATA and, when
+//! enabled, SERVFAIL), so a flood of misses for random names cannot push out the answers that matter.
+//! Each is a `quick_cache::sync::Cache`: sharded, read-locked on `get`, with a weighter for the byte
+//! budget (see the README for why this and not `lru`). Entries do not expire by themselves: each
+//! carries its store time and lifetime, and a lookup past that deadline is a miss.
+//!
+//! Both bounds hold through one weight: an entry weighs `max(its bytes, byte_budget / max_entries)`,
+//! so at most `max_entries` fit and their bytes never exceed the budget.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use quick_cache::{DefaultHashBuilder, Equivalent, Lifecycle, Weighter};
+
+use crate::wire::{KeyBuf, Kind, Response};
+
+/// An owned cache key. Lookups borrow a [`KeyBuf`] instead, so the hit path does not allocate.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key {
+    name: Box<[u8]>,
+    qtype: u16,
+    qclass: u16,
+    bits: u8,
+}
+
+impl Key {
+    pub fn from_buf(k: &KeyBuf) -> Key {
+        Key {
+            name: k.name().into(),
+            qtype: k.qtype,
+            qclass: k.qclass,
+            bits: k.bits,
+        }
+    }
+}
+
+/// Hashes the same fields in the same order for owned and borrowed keys.
+fn hash_key<H: Hasher>(name: &[u8], qtype: u16, qclass: u16, bits: u8, h: &mut H) {
+    h.write(name);
+    h.write_u16(qtype);
+    h.write_u16(qclass);
+    h.write_u8(bits);
+}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        hash_key(&self.name, self.qtype, self.qclass, self.bits, h)
+    }
+}
+
+/// Borrowed lookup key.
+struct KeyRef<'a>(&'a KeyBuf);
+
+impl Hash for KeyRef<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        hash_key(self.0.name(), self.0.qtype, self.0.qclass, self.0.bits, h)
+    }
+}
+
+impl Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, k: &Key) -> bool {
+        self.0.qtype == k.qtype
+            && self.0.qclass == k.qclass
+            && self.0.bits == k.bits
+            && self.0.name() == &*k.name
+    }
+}
+
+/// Cache sizes. Defaults follow the NodeLocal DNSCache addon (9,984 entries each).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub positive_entries: usize,
+    pub positive_bytes: u64,
+    pub negative_entries: usize,
+    pub negative_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            positive_entries: 9984,
+            positive_bytes: 32 << 20,
+            negative_entries: 9984,
+            negative_bytes: 8 << 20,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct EntryWeight {
+    floor: u64,
+}
+
+impl Weighter<Key, Arc<Response>> for EntryWeight {
+    fn weight(&self, key: &Key, val: &Arc<Response>) -> u64 {
+        let bytes = (val.weight() + key.name.len() + std::mem::size_of::<Key>()) as u64;
+        bytes.max(self.floor)
+    }
+}
+
+/// Counts evictions (not replacements) for the metrics.
+#[derive(Clone, Default)]
+struct Evictions(Arc<AtomicU64>);
+
+impl Lifecycle<Key, Arc<Response>> for Evictions {
+    type RequestState = ();
+    fn on_evict(&self, _: &mut (), _: Key, _: Arc<Response>) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+type Shard =
+    quick_cache::sync::Cache<Key, Arc<Response>, EntryWeight, DefaultHashBuilder, Evictions>;
+
+struct Part {
+    cache: Shard,
+    evictions: Evictions,
+}
+
+impl Part {
+    fn new(entries: usize, bytes: u64) -> Part {
+        let entries = entries.max(1);
+        let bytes = bytes.max(1);
+        let evictions = Evictions::default();
+        Part {
+            cache: Shard::with(
+                entries,
+                bytes,
+                EntryWeight {
+                    floor: (bytes / entries as u64).max(1),
+                },
+                DefaultHashBuilder::default(),
+                evictions.clone(),
+            ),
+            evictions,
+        }
+    }
+}
+
+/// What the metrics read from the cache at scrape time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub positive_entries: u64,
+    pub positive_bytes: u64,
+    pub positive_evictions: u64,
+    pub negative_entries: u64,
+    pub negative_bytes: u64,
+    pub negative_evictions: u64,
+}
+
+/// The response cache.
+pub struct Cache {
+    positive: Part,
+    negative: Part,
+}
+
+/// A cache hit.
+pub struct Hit {
+    pub response: Arc<Response>,
+    pub negative: bool,
+}
+
+impl Cache {
+    pub fn new(limits: Limits) -> Cache {
+        Cache {
+            positive: Part::new(limits.positive_entries, limits.positive_bytes),
+            negative: Part::new(limits.negative_entries, limits.negative_bytes),
+        }
+    }
+
+    /// Looks up a fresh entry. An expired one is a miss (and is left for the refill to replace).
+    pub fn get(&self, key: &KeyBuf, now: Instant) -> Option<Hit> {
+        let k = KeyRef(key);
+        if let Some(r) = self.positive.cache.get(&k)
+            && r.is_fresh(now)
+        {
+            return Some(Hit {
+                response: r,
+                negative: false,
+            });
+        }
+        match self.negative.cache.get(&k) {
+            Some(r) if r.is_fresh(now) => Some(Hit {
+                response: r,
+                negative: true,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Stores a response if its kind and lifetime allow it. A positive answer replaces any negative
+    /// entry for the key (the name exists now), and a negative one never replaces a fresh positive
+    /// one (a transient NXDOMAIN or SERVFAIL must not shadow good data).
+    pub fn insert(&self, key: &KeyBuf, response: Arc<Response>, now: Instant) -> bool {
+        if response.lifetime.is_zero() {
+            return false;
+        }
+        let k = Key::from_buf(key);
+        match response.kind {
+            Kind::Positive => {
+                self.negative.cache.remove(&KeyRef(key));
+                self.positive.cache.insert(k, response);
+                true
+            }
+            Kind::Negative | Kind::ServFail => {
+                if let Some(p) = self.positive.cache.peek(&KeyRef(key))
+                    && p.is_fresh(now)
+                {
+                    return false;
+                }
+                self.negative.cache.insert(k, response);
+                true
+            }
+            Kind::Uncacheable => false,
+        }
+    }
+
+    /// Removes every entry.
+    pub fn clear(&self) {
+        self.positive.cache.clear();
+        self.negative.cache.clear();
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            positive_entries: self.positive.cache.len() as u64,
+            positive_bytes: self.positive.cache.weight(),
+            positive_evictions: self.positive.evictions.0.load(Ordering::Relaxed),
+            negative_entries: self.negative.cache.len() as u64,
+            negative_bytes: self.negative.cache.weight(),
+            negative_evictions: self.negative.evictions.0.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,461 @@
-//! config (to be written)
+//! Command-line flags, environment discovery and resolv.conf, turned into one validated [`Config`].
+//!
+//! Flags follow the NodeLocal DNSCache addon where it has an equivalent (defaults included), with
+//! durations that accept a unit (`30`, `500ms`, `5s`, `1m`) and booleans that accept `--flag`,
+//! `--flag=true` and `--flag=false` (the addon's `-setupinterface=false` style).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+
+pub use crate::logging::LogFormat;
+use thiserror::Error;
+
+use crate::cache::Limits;
+use crate::upstream::{self, ZoneSpec};
+use crate::wire::TtlPolicy;
+
+/// A node-local DNS cache for Kubernetes: answers pods from a TTL-aware cache and forwards misses,
+/// the cluster zones to the cluster DNS and the rest to the node's resolvers.
+#[derive(Debug, Parser)]
+#[command(name = "nodedns", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Address to serve DNS on, over UDP and TCP (repeatable; IPv4 or IPv6, e.g. [::1]:53).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "169.254.20.10:53", value_parser = parse_listen)]
+    pub listen: Vec<SocketAddr>,
+
+    /// Server for the default zone `.` (repeatable). Without it, the nameservers of --resolv-conf.
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_server)]
+    pub upstream: Vec<SocketAddr>,
+
+    /// Send a zone to its own servers: ZONE=ADDR[:PORT][,ADDR...] (repeatable). The longest
+    /// matching zone wins; `.` is the default zone.
+    #[arg(long, value_name = "ZONE=ADDRS", value_parser = parse_forward)]
+    pub forward: Vec<ZoneSpec>,
+
+    /// resolv.conf whose nameservers serve the default zone when --upstream is not given.
+    #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+
+    /// Cluster domain: with the cluster DNS found in the environment, it and the reverse zones
+    /// (in-addr.arpa, ip6.arpa) go there.
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// Service whose <NAME>_SERVICE_HOST/_PORT environment variables (set by the kubelet) give the
+    /// cluster DNS address, as the addon's -upstreamsvc.
+    #[arg(long, value_name = "NAME", default_value = "kube-dns-upstream")]
+    pub upstream_svc: String,
+
+    /// Lower bound on how long a positive answer is cached.
+    #[arg(long, value_name = "DUR", default_value = "0", value_parser = parse_duration)]
+    pub min_ttl: Duration,
+
+    /// Upper bound on how long a positive answer is cached (the addon's `cache 30`).
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub max_ttl: Duration,
+
+    /// Upper bound on how long NXDOMAIN/NODATA is cached (the addon's denial TTL).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub max_negative_ttl: Duration,
+
+    /// How long a SERVFAIL is cached; 0 turns it off.
+    #[arg(long, value_name = "DUR", default_value = "0", value_parser = parse_duration)]
+    pub servfail_ttl: Duration,
+
+    /// Positive cache entries (the addon's `success 9984`).
+    #[arg(long, value_name = "N", default_value_t = 9984)]
+    pub cache_size: usize,
+
+    /// Negative cache entries (the addon's `denial 9984`).
+    #[arg(long, value_name = "N", default_value_t = 9984)]
+    pub negative_cache_size: usize,
+
+    /// Memory budget of the positive cache, in bytes (suffixes K, M, G accepted).
+    #[arg(long, value_name = "BYTES", default_value = "32M", value_parser = parse_bytes)]
+    pub cache_bytes: u64,
+
+    /// Memory budget of the negative cache, in bytes.
+    #[arg(long, value_name = "BYTES", default_value = "8M", value_parser = parse_bytes)]
+    pub negative_cache_bytes: u64,
+
+    /// Send every upstream query over TCP, on reused pipelined connections (the addon does this
+    /// toward the cluster DNS).
+    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
+    pub force_tcp: bool,
+
+    /// Timeout of one upstream attempt; the next server (or the same, if alone) is tried after it.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration)]
+    pub attempt_timeout: Duration,
+
+    /// Overall deadline of a forwarded query; past it the client gets SERVFAIL.
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub query_deadline: Duration,
+
+    /// Forwarded queries in flight at once; past it clients get REFUSED (bounds memory).
+    #[arg(long, value_name = "N", default_value_t = 2000)]
+    pub max_concurrent: usize,
+
+    /// UDP worker threads per listen address (0: one per CPU).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub workers: usize,
+
+    /// Open client TCP connections at most; more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_tcp_connections: usize,
+
+    /// Idle client TCP connections are closed after this long.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub tcp_idle_timeout: Duration,
+
+    /// Create the link --interface and put the listen IPs on it (needs CAP_NET_ADMIN), as the
+    /// addon's -setupinterface.
+    #[arg(long, value_name = "BOOL", default_value = "true", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
+    pub setup_interface: bool,
+
+    /// Name of the link that holds the local IPs.
+    #[arg(long, value_name = "NAME", default_value = "nodelocaldns")]
+    pub interface: String,
+
+    /// Kind of that link: dummy, or bridge where the kernel has no dummy link type.
+    #[arg(long, value_name = "KIND", default_value = "dummy")]
+    pub link_kind: String,
+
+    /// Packet filter for the NOTRACK/ACCEPT rules: iptables, nftables, none, or auto (iptables
+    /// when nodedns put addresses on its link, none otherwise).
+    #[arg(long, value_name = "BACKEND", default_value = "auto")]
+    pub firewall: String,
+
+    /// How often the link, addresses and rules are checked and repaired.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
+    pub sync_interval: Duration,
+
+    /// Leave the link, addresses and rules in place at exit (for two instances side by side).
+    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
+    pub skip_teardown: bool,
+
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format: text or json.
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log every answered query (name, type, rcode, source) at info level.
+    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
+    pub log_queries: bool,
+
+    /// Address of the Prometheus /metrics endpoint (also serves /health and /ready); `off` disables.
+    #[arg(long, value_name = "ADDR:PORT|off", default_value = "0.0.0.0:9253", value_parser = parse_optional_listen)]
+    pub metrics_listen: OptionalAddr,
+
+    /// Address of the /health and /ready endpoints (also serves /metrics); default: the first
+    /// --listen IP, port 8080 (as the addon's health plugin); `off` disables.
+    #[arg(long, value_name = "ADDR:PORT|off", value_parser = parse_optional_listen)]
+    pub health_listen: Option<OptionalAddr>,
+}
+
+/// A listen address that may be turned off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+/// Parses `IP:PORT` or `off`.
+pub fn parse_optional_listen(s: &str) -> Result<OptionalAddr, String> {
+    match s.trim() {
+        "off" | "none" | "" => Ok(OptionalAddr(None)),
+        a => parse_listen(a).map(|a| OptionalAddr(Some(a))),
+    }
+}
+
+/// A bad configuration, reported in one line before anything starts.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot read nameservers from {path}: {reason}")]
+    ResolvConf { path: String, reason: String },
+    #[error("environment variable {var}={value:?} is not a valid {what}")]
+    Env {
+        var: String,
+        value: String,
+        what: &'static str,
+    },
+}
+
+/// The validated configuration the rest of nodedns runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub zones: Vec<ZoneSpec>,
+    pub policy: TtlPolicy,
+    pub limits: Limits,
+    pub upstream: upstream::Options,
+    pub server: crate::server::Options,
+    pub metrics_listen: Option<SocketAddr>,
+    pub health_listen: Option<SocketAddr>,
+    pub log_queries: bool,
+    pub node: NodeOptions,
+}
+
+/// Node setup: the link, its addresses and the packet-filter rules.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub setup_interface: bool,
+    pub interface: String,
+    pub link_kind: String,
+    pub firewall: String,
+    pub sync_interval: Duration,
+    pub skip_teardown: bool,
+}
+
+/// Parses `30`, `500ms`, `5s`, `1m`, `1h` into a duration.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (use e.g. 30, 500ms, 5s, 1m)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("duration {s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `true`/`false` (and 1/0, yes/no) for boolean flags.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("invalid boolean {s:?} (use true or false)")),
+    }
+}
+
+/// Parses a byte count with an optional K/M/G suffix (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim().trim_end_matches(['B', 'b', 'i']);
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid byte count {s:?} (use e.g. 33554432, 32M, 1G)"))
+}
+
+/// Parses a listen address: `IP:PORT` or `[IPv6]:PORT`.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("invalid listen address {s:?} (use IP:PORT, e.g. 169.254.20.10:53 or [::1]:53)")
+    })
+}
+
+/// Parses a server: `IP`, `IP:PORT`, `[IPv6]:PORT` or a bare IPv6 address; the port defaults to 53.
+pub fn parse_server(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let ip = s.trim_start_matches('[').trim_end_matches(']');
+    ip.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| format!("invalid server address {s:?} (use IP or IP:PORT)"))
+}
+
+/// Parses `ZONE=ADDR[:PORT][,ADDR...]`.
+pub fn parse_forward(s: &str) -> Result<ZoneSpec, String> {
+    let (zone, servers) = s
+        .split_once('=')
+        .ok_or_else(|| format!("invalid --forward {s:?} (use ZONE=ADDR[:PORT][,ADDR...])"))?;
+    upstream::zone_to_wire(zone)?;
+    let servers = servers
+        .split(',')
+        .map(parse_server)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ZoneSpec {
+        zone: zone.trim().to_ascii_lowercase(),
+        servers,
+    })
+}
+
+/// The env var prefix the kubelet uses for a service: upper case, `-` → `_`.
+pub fn service_env_prefix(svc: &str) -> String {
+    svc.to_ascii_uppercase().replace('-', "_")
+}
+
+impl Cli {
+    /// Validates flags and fills in what comes from the environment and resolv.conf. `env` reads an
+    /// environment variable (injectable for tests).
+    pub fn into_config(self, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.listen.is_empty() {
+            return bad("at least one --listen address is needed".into());
+        }
+        if self.attempt_timeout.is_zero() || self.query_deadline.is_zero() {
+            return bad("--attempt-timeout and --query-deadline must be above zero".into());
+        }
+        if self.max_ttl < self.min_ttl {
+            return bad("--max-ttl must not be below --min-ttl".into());
+        }
+        if self.cache_size == 0 || self.negative_cache_size == 0 {
+            return bad("cache sizes must be at least 1".into());
+        }
+
+        let mut zones: Vec<ZoneSpec> = Vec::new();
+        // 1. The cluster DNS from the Service environment, for the cluster zones.
+        let prefix = service_env_prefix(&self.upstream_svc);
+        let host_var = format!("{prefix}_SERVICE_HOST");
+        if let Some(host) = env(&host_var).filter(|h| !h.is_empty()) {
+            let ip: IpAddr = host.trim().parse().map_err(|_| ConfigError::Env {
+                var: host_var.clone(),
+                value: host.clone(),
+                what: "IP address",
+            })?;
+            let port_var = format!("{prefix}_SERVICE_PORT");
+            let port = match env(&port_var).filter(|p| !p.is_empty()) {
+                Some(p) => p.trim().parse::<u16>().map_err(|_| ConfigError::Env {
+                    var: port_var,
+                    value: p.clone(),
+                    what: "port",
+                })?,
+                None => 53,
+            };
+            for zone in [self.cluster_domain.as_str(), "in-addr.arpa", "ip6.arpa"] {
+                zones.push(ZoneSpec {
+                    zone: zone.trim_end_matches('.').to_ascii_lowercase(),
+                    servers: vec![SocketAddr::new(ip, port)],
+                });
+            }
+        } else {
+            tracing::debug!(var = %host_var, "not set; cluster zones follow --forward or the default zone");
+        }
+        // 2. The default zone: --upstream, else resolv.conf (unless --forward gives `.`).
+        let has_root = self
+            .forward
+            .iter()
+            .any(|z| z.zone.trim_end_matches('.').is_empty());
+        if !self.upstream.is_empty() {
+            zones.push(ZoneSpec {
+                zone: ".".into(),
+                servers: self.upstream.clone(),
+            });
+        } else if !has_root {
+            let servers = resolv_conf_servers(&self.resolv_conf)?;
+            // Never forward to ourselves (a node whose resolv.conf points at nodedns).
+            let servers: Vec<_> = servers
+                .into_iter()
+                .filter(|s| {
+                    !self
+                        .listen
+                        .iter()
+                        .any(|l| l.ip() == s.ip() && l.port() == s.port())
+                })
+                .collect();
+            if servers.is_empty() {
+                return Err(ConfigError::ResolvConf {
+                    path: self.resolv_conf.display().to_string(),
+                    reason: "its only nameservers are nodedns's own listen addresses".into(),
+                });
+            }
+            zones.push(ZoneSpec {
+                zone: ".".into(),
+                servers,
+            });
+        }
+        // 3. Explicit --forward flags override both.
+        zones.extend(self.forward.iter().cloned());
+
+        let workers = if self.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.workers
+        };
+        let health_listen = match self.health_listen {
+            Some(OptionalAddr(a)) => a,
+            None => Some(SocketAddr::new(self.listen[0].ip(), 8080)),
+        };
+        Ok(Config {
+            metrics_listen: self.metrics_listen.0,
+            health_listen,
+            log_queries: self.log_queries,
+            node: NodeOptions {
+                setup_interface: self.setup_interface,
+                interface: self.interface.clone(),
+                link_kind: self.link_kind.clone(),
+                firewall: self.firewall.clone(),
+                sync_interval: self.sync_interval,
+                skip_teardown: self.skip_teardown,
+            },
+            listen: self.listen.clone(),
+            zones,
+            policy: TtlPolicy {
+                min_ttl: self.min_ttl,
+                max_ttl: self.max_ttl,
+                max_negative_ttl: self.max_negative_ttl,
+                servfail_ttl: self.servfail_ttl,
+            },
+            limits: Limits {
+                positive_entries: self.cache_size,
+                positive_bytes: self.cache_bytes,
+                negative_entries: self.negative_cache_size,
+                negative_bytes: self.negative_cache_bytes,
+            },
+            upstream: upstream::Options {
+                attempt_timeout: self.attempt_timeout,
+                deadline: self.query_deadline,
+                force_tcp: self.force_tcp,
+            },
+            server: crate::server::Options {
+                listen: self.listen,
+                workers,
+                max_tcp_connections: self.max_tcp_connections,
+                tcp_idle_timeout: self.tcp_idle_timeout,
+                max_concurrent: self.max_concurrent,
+            },
+        })
+    }
+}
+
+/// The nameservers of a resolv.conf, read with hickory-resolver's parser (port 53).
+pub fn resolv_conf_servers(path: &std::path::Path) -> Result<Vec<SocketAddr>, ConfigError> {
+    let err = |reason: String| ConfigError::ResolvConf {
+        path: path.display().to_string(),
+        reason,
+    };
+    let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let (conf, _opts) =
+        hickory_resolver::system_conf::parse_resolv_conf(data).map_err(|e| err(e.to_string()))?;
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for ns in conf.name_servers() {
+        let a = SocketAddr::new(ns.ip, 53);
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    if out.is_empty() {
+        return Err(err("no nameserver lines".into()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,192 @@
-//! handler (to be written)
+//! The decision for one query: answer from cache, answer locally, reject with an rcode, drop, or
+//! forward. This is the hit path, top to bottom; it does no I/O and takes `now` as an argument.
+//!
+//! ```text
+//! bytes ─► wire::scan_query ─► policy checks ─► cache.get(key, now) ─► wire::render ─► reply bytes
+//!                                                     └─ miss ─► Outcome::Forward (server spawns the
+//!                                                                upstream exchange, then `complete`)
+//! ```
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cache::Cache;
+use crate::wire::{self, CLASS_CH, CLASS_IN, QueryView, Response, TtlPolicy, WireError, rcode};
+
+/// The transport a query came over: UDP replies are limited to what the client can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Udp,
+    Tcp,
+}
+
+/// The wire-format name of the local health probe (`health.nodedns.`, class CH), answered without
+/// touching the cache or upstream so `/health` measures the listener alone.
+pub const HEALTH_NAME: &[u8] = b"\x06health\x07nodedns\x00";
+
+/// What the server should do with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A reply is in `out`: send it.
+    Reply(Answered),
+    /// Send nothing (short packet, a response, or garbage without an ID).
+    Drop,
+    /// Cache miss: forward upstream, then call [`Handler::complete`].
+    Forward { qtype: u16 },
+}
+
+/// What was answered, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answered {
+    pub qtype: u16,
+    pub rcode: u8,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// From the cache; `negative` tells which part.
+    Cache { negative: bool },
+    /// From upstream (a miss that was forwarded).
+    Upstream,
+    /// Made up here: errors, refusals, health.
+    Local,
+}
+
+/// The sans-IO core shared by every listener.
+pub struct Handler {
+    pub cache: Cache,
+    pub policy: TtlPolicy,
+}
+
+impl Handler {
+    pub fn new(cache: Cache, policy: TtlPolicy) -> Handler {
+        Handler { cache, policy }
+    }
+
+    /// Decides what to do with one query packet. `limit` is the largest reply the transport takes
+    /// (the client's UDP size for UDP, 65535 for TCP).
+    pub fn answer(&self, packet: &[u8], proto: Proto, now: Instant, out: &mut Vec<u8>) -> Outcome {
+        let view = match wire::scan_query(packet) {
+            Ok(v) => v,
+            Err(WireError::TooShort | WireError::NotAQuery) => return Outcome::Drop,
+            Err(_) => {
+                // Answer what we cannot read with FORMERR, echoing the ID, as resolvers do.
+                let (Some(id), Some(flags)) = (wire::peek_id(packet), flags_of(packet)) else {
+                    return Outcome::Drop;
+                };
+                wire::render_formerr_header(id, flags, out);
+                return Outcome::Reply(Answered {
+                    qtype: 0,
+                    rcode: rcode::FORMERR,
+                    source: Source::Local,
+                });
+            }
+        };
+        let qtype = view.key.qtype;
+        let local = |rc: u16, out: &mut Vec<u8>| {
+            wire::render_error(&view, rc, out);
+            Outcome::Reply(Answered {
+                qtype,
+                rcode: (rc & 0xF) as u8,
+                source: Source::Local,
+            })
+        };
+        if view.opcode() != 0 {
+            return local(rcode::NOTIMP.into(), out);
+        }
+        if view.edns.is_some_and(|e| e.version != 0) {
+            return local(rcode::BADVERS, out);
+        }
+        if view.key.qclass == CLASS_CH {
+            // CHAOS is answered here: the health probe gets NOERROR, the rest (version.bind, ...)
+            // REFUSED, so nothing about the node leaks and nothing goes upstream.
+            let rc = if view.key.name() == HEALTH_NAME {
+                rcode::NOERROR
+            } else {
+                rcode::REFUSED
+            };
+            return local(rc.into(), out);
+        }
+        if view.key.qclass != CLASS_IN || qtype == wire::TYPE_AXFR || qtype == wire::TYPE_IXFR {
+            // A cache serves no zone transfers, and classes other than IN have no upstream here.
+            return local(rcode::REFUSED.into(), out);
+        }
+        match self.cache.get(&view.key, now) {
+            Some(hit) => {
+                wire::render(&hit.response, &view, now, limit_for(&view, proto), out);
+                Outcome::Reply(Answered {
+                    qtype,
+                    rcode: hit.response.rcode,
+                    source: Source::Cache {
+                        negative: hit.negative,
+                    },
+                })
+            }
+            None => Outcome::Forward { qtype },
+        }
+    }
+
+    /// Finishes a miss: validates the upstream `reply` to the query in `packet` (sent upstream with
+    /// ID `sent_id`), stores it if cacheable and renders the client's reply.
+    pub fn store(
+        &self,
+        view: &QueryView<'_>,
+        reply: &[u8],
+        sent_id: u16,
+        now: Instant,
+    ) -> Result<Arc<Response>, wire::ResponseError> {
+        let resp = Arc::new(Response::from_upstream(
+            reply,
+            sent_id,
+            view,
+            &self.policy,
+            now,
+        )?);
+        self.cache.insert(&view.key, resp.clone(), now);
+        Ok(resp)
+    }
+
+    /// Renders a reply to `view` from an upstream response (possibly one fetched for another client
+    /// asking the same question).
+    pub fn complete(
+        &self,
+        view: &QueryView<'_>,
+        resp: &Response,
+        proto: Proto,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Answered {
+        wire::render(resp, view, now, limit_for(view, proto), out);
+        Answered {
+            qtype: view.key.qtype,
+            rcode: resp.rcode,
+            source: Source::Upstream,
+        }
+    }
+
+    /// The reply when upstream gave nothing usable before the deadline: SERVFAIL, never silence.
+    pub fn fail(&self, view: &QueryView<'_>, rc: u8, out: &mut Vec<u8>) -> Answered {
+        wire::render_error(view, rc.into(), out);
+        Answered {
+            qtype: view.key.qtype,
+            rcode: rc,
+            source: Source::Local,
+        }
+    }
+}
+
+/// The reply size limit for a transport.
+pub fn limit_for(view: &QueryView<'_>, proto: Proto) -> usize {
+    match proto {
+        Proto::Udp => view.udp_limit(),
+        Proto::Tcp => u16::MAX as usize,
+    }
+}
+
+fn flags_of(packet: &[u8]) -> Option<u16> {
+    (packet.len() >= 4).then(|| u16::from_be_bytes([packet[2], packet[3]]))
+}
+
+#[cfg(test)]
+mod tests;

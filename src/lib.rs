@@ -4,10 +4,12 @@
 //! argument and touch no sockets); `upstream`, `server`, `netif`, `firewall` and `admin` are the edges.
 
 pub mod admin;
+pub mod app;
 pub mod cache;
 pub mod config;
 pub mod firewall;
 pub mod handler;
+pub mod logging;
 pub mod metrics;
 pub mod netif;
 pub mod server;

@@ -1,1 +1,547 @@
-//! upstream (to be written)
+//! Forwarding misses: zones to servers, UDP and TCP transports, retries and deadlines.
+//!
+//! nodedns forwards the client's question under a fresh random ID from a fresh random source port
+//! (a connected UDP socket, so the kernel drops datagrams from any other address) and accepts only a
+//! reply whose ID and question match (anti-spoofing). A truncated UDP reply is retried over TCP.
+//! With `force_tcp`, every query goes over a reused, pipelined TCP connection per server (RFC 7766).
+//! Each attempt has its own timeout and the whole exchange a deadline; past it the caller answers
+//! SERVFAIL.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::wire::{self, QueryView};
+
+/// How long an unused upstream TCP connection is kept.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Queries waiting to be written on one upstream connection.
+const TCP_QUEUE: usize = 1024;
+
+/// Why one attempt failed.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptError {
+    #[error("timed out")]
+    Timeout,
+    #[error("network error")]
+    Network,
+    #[error("connection refused")]
+    Refused,
+}
+
+/// Why a whole exchange failed; the client gets SERVFAIL.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum UpstreamError {
+    #[error("no upstream configured for this name")]
+    NoServers,
+    #[error("no usable reply before the deadline (last: {0})")]
+    Exhausted(AttemptError),
+}
+
+/// Transport of one attempt, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// How an attempt ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// A reply with this rcode.
+    Reply(u8),
+    Failed(AttemptError),
+}
+
+/// Receives one call per attempt (metrics implement it; tests may count).
+pub trait Observer: Send + Sync {
+    fn attempt(&self, server: usize, transport: Transport, result: AttemptResult, took: Duration);
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+impl Observer for NoObserver {
+    fn attempt(&self, _: usize, _: Transport, _: AttemptResult, _: Duration) {}
+}
+
+/// Timing and transport options.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub attempt_timeout: Duration,
+    pub deadline: Duration,
+    pub force_tcp: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            attempt_timeout: Duration::from_secs(2),
+            deadline: Duration::from_secs(5),
+            force_tcp: false,
+        }
+    }
+}
+
+/// A zone and the servers that answer for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneSpec {
+    /// Presentation form, e.g. `cluster.local` or `.`.
+    pub zone: String,
+    pub servers: Vec<SocketAddr>,
+}
+
+/// A successful exchange.
+#[derive(Debug)]
+pub struct Reply {
+    pub bytes: Vec<u8>,
+    /// The ID the query was sent with.
+    pub sent_id: u16,
+    /// Index of the server in [`Upstreams::servers`].
+    pub server: usize,
+}
+
+struct Route {
+    servers: Vec<usize>,
+    next: AtomicUsize,
+}
+
+/// All zones and servers.
+pub struct Upstreams {
+    /// Lowercased wire-format zone name → route. Longest suffix wins.
+    routes: HashMap<Vec<u8>, Route>,
+    servers: Vec<SocketAddr>,
+    pools: Vec<TcpPool>,
+    opts: Options,
+    observer: Arc<dyn Observer>,
+}
+
+/// Turns `cluster.local`, `cluster.local.` or `.` into lowercased wire format.
+pub fn zone_to_wire(zone: &str) -> Result<Vec<u8>, String> {
+    let z = zone.trim_end_matches('.');
+    let mut out = Vec::new();
+    if !z.is_empty() {
+        for label in z.split('.') {
+            if label.is_empty() || label.len() > 63 {
+                return Err(format!("bad zone name {zone:?}"));
+            }
+            out.push(label.len() as u8);
+            out.extend(label.bytes().map(|b| b.to_ascii_lowercase()));
+        }
+    }
+    out.push(0);
+    if out.len() > wire::MAX_NAME_LEN {
+        return Err(format!("zone name {zone:?} is too long"));
+    }
+    Ok(out)
+}
+
+impl Upstreams {
+    pub fn new(zones: &[ZoneSpec], opts: Options) -> Result<Upstreams, String> {
+        let mut servers: Vec<SocketAddr> = Vec::new();
+        let mut routes = HashMap::new();
+        for z in zones {
+            let mut idx = Vec::new();
+            for s in &z.servers {
+                let i = match servers.iter().position(|x| x == s) {
+                    Some(i) => i,
+                    None => {
+                        servers.push(*s);
+                        servers.len() - 1
+                    }
+                };
+                idx.push(i);
+            }
+            if idx.is_empty() {
+                return Err(format!("zone {} has no servers", z.zone));
+            }
+            // A later spec of the same zone replaces the earlier one (flags override env).
+            routes.insert(
+                zone_to_wire(&z.zone)?,
+                Route {
+                    servers: idx,
+                    next: AtomicUsize::new(0),
+                },
+            );
+        }
+        let pools = servers.iter().map(|&s| TcpPool::new(s)).collect();
+        Ok(Upstreams {
+            routes,
+            servers,
+            pools,
+            opts,
+            observer: Arc::new(NoObserver),
+        })
+    }
+
+    /// Sets who is told about every attempt (metrics). Servers are indexed as in [`Self::servers`].
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Upstreams {
+        self.observer = observer;
+        self
+    }
+
+    /// Asks every server for `. NS` over UDP and says whether any answered within `timeout`
+    /// (the readiness check; what it answers does not matter).
+    pub async fn probe(&self, timeout: Duration) -> bool {
+        // Header: RD, one question; question: root, NS, IN.
+        let question: &[u8] = &[0, 0, 2, 0, 1];
+        let probes = self.servers.iter().map(|&addr| async move {
+            let id: u16 = rand::random();
+            let mut q = Vec::with_capacity(17);
+            q.extend_from_slice(&id.to_be_bytes());
+            q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+            q.extend_from_slice(question);
+            matches!(
+                tokio::time::timeout(timeout, udp_exchange(addr, &q, id, question)).await,
+                Ok(Ok(_))
+            )
+        });
+        futures_util::future::join_all(probes)
+            .await
+            .into_iter()
+            .any(|ok| ok)
+    }
+
+    /// Every distinct server, in the order metrics label them.
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.servers
+    }
+
+    /// The zone (wire format) that routes `qname`: the longest configured suffix on a label
+    /// boundary, or `None` when not even `.` is configured.
+    pub fn zone_for(&self, qname: &[u8]) -> Option<&[u8]> {
+        self.route(qname).map(|(z, _)| z)
+    }
+
+    fn route(&self, qname: &[u8]) -> Option<(&[u8], &Route)> {
+        let mut pos = 0;
+        loop {
+            let suffix = qname.get(pos..)?;
+            if let Some((z, r)) = self.routes.get_key_value(suffix) {
+                return Some((z.as_slice(), r));
+            }
+            let l = *suffix.first()? as usize;
+            if l == 0 {
+                return None;
+            }
+            pos += 1 + l;
+        }
+    }
+
+    /// Forwards `view`'s question and returns the first usable reply, trying the zone's servers in
+    /// turn until one answers or the deadline passes.
+    pub async fn resolve(&self, view: &QueryView<'_>) -> Result<Reply, UpstreamError> {
+        let (_, route) = self
+            .route(view.key.name())
+            .ok_or(UpstreamError::NoServers)?;
+        let start = Instant::now();
+        let deadline = start + self.opts.deadline;
+        let n = route.servers.len();
+        let first = route.next.fetch_add(1, Ordering::Relaxed);
+        let mut last_err = AttemptError::Timeout;
+        // A SERVFAIL/REFUSED reply is kept while other servers are tried, and returned if none does
+        // better.
+        let mut fallback: Option<Reply> = None;
+        let mut query = Vec::with_capacity(view.question.len() + 32);
+        // Each server twice (at least three tries in all), within the deadline: enough to ride out a
+        // lost datagram, and a bound when servers fail fast (connection refused).
+        let max_attempts = (2 * n).max(3);
+        for attempt in 0..max_attempts {
+            let now = Instant::now();
+            if now >= deadline || (attempt >= n && fallback.is_some()) {
+                break;
+            }
+            let server = route.servers[(first + attempt) % n];
+            let until = (now + self.opts.attempt_timeout).min(deadline);
+            let id: u16 = rand::random();
+            wire::build_upstream_query(view, id, &mut query);
+            let mut transport = if self.opts.force_tcp {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            };
+            let mut result = self
+                .exchange(server, transport, &query, id, view, until)
+                .await;
+            if let Ok(bytes) = &result
+                && transport == Transport::Udp
+                && wire::is_truncated(bytes)
+            {
+                self.observe(server, transport, &result, now);
+                // Truncated over UDP: ask the same server over TCP.
+                transport = Transport::Tcp;
+                result = self
+                    .exchange(server, transport, &query, id, view, until)
+                    .await;
+            }
+            self.observe(server, transport, &result, now);
+            match result {
+                Ok(bytes) => {
+                    let rc = wire::header_rcode(&bytes);
+                    let reply = Reply {
+                        bytes,
+                        sent_id: id,
+                        server,
+                    };
+                    if (rc == wire::rcode::SERVFAIL || rc == wire::rcode::REFUSED)
+                        && attempt + 1 < n
+                    {
+                        fallback.get_or_insert(reply);
+                        continue;
+                    }
+                    return Ok(reply);
+                }
+                Err(e) => last_err = e,
+            }
+        }
+        fallback.ok_or(UpstreamError::Exhausted(last_err))
+    }
+
+    fn observe(
+        &self,
+        server: usize,
+        t: Transport,
+        r: &Result<Vec<u8>, AttemptError>,
+        since: Instant,
+    ) {
+        let res = match r {
+            Ok(b) => AttemptResult::Reply(wire::header_rcode(b)),
+            Err(e) => AttemptResult::Failed(*e),
+        };
+        self.observer.attempt(server, t, res, since.elapsed());
+    }
+
+    async fn exchange(
+        &self,
+        server: usize,
+        transport: Transport,
+        query: &[u8],
+        id: u16,
+        view: &QueryView<'_>,
+        until: Instant,
+    ) -> Result<Vec<u8>, AttemptError> {
+        let addr = self.servers[server];
+        let fut = async {
+            match transport {
+                Transport::Udp => udp_exchange(addr, query, id, view.question).await,
+                Transport::Tcp => self.pools[server].exchange(query, view.question).await,
+            }
+        };
+        match tokio::time::timeout_at(until.into(), fut).await {
+            Ok(r) => r,
+            Err(_) => Err(AttemptError::Timeout),
+        }
+    }
+}
+
+/// Whether `reply` answers the query with ID `id` and question `question` (case-insensitively, as
+/// upstreams may normalise case).
+fn matches(reply: &[u8], id: u16, question: &[u8]) -> bool {
+    let qend = wire::HEADER_LEN + question.len();
+    reply.len() >= qend
+        && u16::from_be_bytes([reply[0], reply[1]]) == id
+        && reply[2] & 0x80 != 0
+        && reply[4..6] == [0, 1]
+        && reply[wire::HEADER_LEN..qend].eq_ignore_ascii_case(question)
+}
+
+fn unspecified_for(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
+}
+
+fn io_to_attempt(e: &std::io::Error) -> AttemptError {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => AttemptError::Refused,
+        _ => AttemptError::Network,
+    }
+}
+
+/// One UDP exchange from a fresh socket on a random port, connected so only the server's datagrams
+/// arrive; anything that does not match ID and question is ignored.
+async fn udp_exchange(
+    server: SocketAddr,
+    query: &[u8],
+    id: u16,
+    question: &[u8],
+) -> Result<Vec<u8>, AttemptError> {
+    let sock = UdpSocket::bind(unspecified_for(server))
+        .await
+        .map_err(|e| io_to_attempt(&e))?;
+    sock.connect(server).await.map_err(|e| io_to_attempt(&e))?;
+    sock.send(query).await.map_err(|e| io_to_attempt(&e))?;
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let n = sock.recv(&mut buf).await.map_err(|e| io_to_attempt(&e))?;
+        if matches(&buf[..n], id, question) {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+        tracing::debug!(%server, "ignoring a UDP reply that does not match the query");
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u16, oneshot::Sender<Vec<u8>>>>>;
+
+/// A pipelined TCP connection to one server: a writer task takes framed queries from a queue, a
+/// reader task hands replies to whoever waits for their ID.
+struct TcpConn {
+    tx: mpsc::Sender<Vec<u8>>,
+    pending: Pending,
+    closed: Arc<AtomicBool>,
+}
+
+/// The (at most one live) TCP connection to a server, re-dialled when it dies.
+struct TcpPool {
+    addr: SocketAddr,
+    conn: tokio::sync::Mutex<Option<Arc<TcpConn>>>,
+}
+
+impl TcpPool {
+    fn new(addr: SocketAddr) -> TcpPool {
+        TcpPool {
+            addr,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn get(&self) -> Result<Arc<TcpConn>, AttemptError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref()
+            && !c.closed.load(Ordering::Acquire)
+        {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(TcpConn::dial(self.addr).await?);
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Sends `query` and waits for the reply. The query's ID is rewritten if another query on the
+    /// same connection already uses it.
+    async fn exchange(&self, query: &[u8], question: &[u8]) -> Result<Vec<u8>, AttemptError> {
+        let conn = self.get().await?;
+        let (tx, rx) = oneshot::channel();
+        let mut frame = Vec::with_capacity(query.len() + 2);
+        frame.extend_from_slice(&(query.len() as u16).to_be_bytes());
+        frame.extend_from_slice(query);
+        let id = {
+            let mut pending = conn.pending.lock().map_err(|_| AttemptError::Network)?;
+            let mut id = u16::from_be_bytes([query[0], query[1]]);
+            while pending.contains_key(&id) {
+                id = rand::random();
+            }
+            pending.insert(id, tx);
+            id
+        };
+        frame[2..4].copy_from_slice(&id.to_be_bytes());
+        let guard = PendingGuard {
+            pending: &conn.pending,
+            id,
+        };
+        if conn.tx.send(frame).await.is_err() {
+            return Err(AttemptError::Network);
+        }
+        let reply = rx.await.map_err(|_| AttemptError::Network)?;
+        drop(guard);
+        if !matches(&reply, id, question) {
+            return Err(AttemptError::Network);
+        }
+        // Give the caller back its own ID so it validates as usual.
+        let mut reply = reply;
+        reply[0..2].copy_from_slice(&query[0..2]);
+        Ok(reply)
+    }
+}
+
+/// Removes a waiter whose caller gave up (timeout), so late replies are dropped.
+struct PendingGuard<'a> {
+    pending: &'a Pending,
+    id: u16,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(&self.id);
+        }
+    }
+}
+
+impl TcpConn {
+    async fn dial(addr: SocketAddr) -> Result<TcpConn, AttemptError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| io_to_attempt(&e))?;
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+        let pending: Pending = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+
+        let closed_w = closed.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                if wr.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+            closed_w.store(true, Ordering::Release);
+            let _ = wr.shutdown().await;
+        });
+
+        let closed_r = closed.clone();
+        let pending_r = pending.clone();
+        tokio::spawn(async move {
+            let mut len = [0u8; 2];
+            loop {
+                let idle = pending_r.lock().map(|p| p.is_empty()).unwrap_or(true);
+                let read = rd.read_exact(&mut len);
+                let r = if idle {
+                    // Idle for long enough: close. A waiter that registered just now gets an error
+                    // and retries on a fresh connection; a half-read length is never resumed.
+                    match tokio::time::timeout(TCP_IDLE, read).await {
+                        Ok(r) => r,
+                        Err(_) => break,
+                    }
+                } else {
+                    read.await
+                };
+                if r.is_err() {
+                    break;
+                }
+                let n = u16::from_be_bytes(len) as usize;
+                let mut msg = vec![0u8; n];
+                if rd.read_exact(&mut msg).await.is_err() || n < 2 {
+                    break;
+                }
+                let id = u16::from_be_bytes([msg[0], msg[1]]);
+                let waiter = pending_r.lock().ok().and_then(|mut p| p.remove(&id));
+                if let Some(w) = waiter {
+                    let _ = w.send(msg);
+                }
+            }
+            closed_r.store(true, Ordering::Release);
+            // Dropping the senders wakes every waiter with an error; they retry elsewhere.
+            if let Ok(mut p) = pending_r.lock() {
+                p.clear();
+            }
+        });
+        Ok(TcpConn {
+            tx,
+            pending,
+            closed,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,630 @@
-//! wire (to be written)
+//! DNS wire format, the parts nodedns needs and nothing more.
+//!
+//! The hit path never decodes a whole message: [`scan_query`] reads the header, the question and the
+//! OPT record in place (tens of nanoseconds), and [`render`] answers from a cached [`Response`] by
+//! copying its bytes and patching the ID, the client's question spelling and the aged TTLs at offsets
+//! recorded when the response was stored. Full parsing with hickory-proto happens only on the miss
+//! path, in [`Response::from_upstream`], where it validates what upstream sent before it is cached.
+//!
+//! Nothing here touches a socket or reads a clock: time comes in as an argument.
+
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, ResponseCode};
+use thiserror::Error;
+
+/// Size of the fixed DNS header.
+pub const HEADER_LEN: usize = 12;
+/// Smallest UDP payload every client can take (RFC 1035).
+pub const MIN_UDP_PAYLOAD: u16 = 512;
+/// The EDNS payload size nodedns advertises and uses upstream (DNS flag day 2020).
+pub const EDNS_PAYLOAD: u16 = 1232;
+/// Largest UDP reply nodedns sends, whatever larger size a client advertises.
+pub const MAX_UDP_PAYLOAD: u16 = 4096;
+/// Longest wire-format name (RFC 1035 §2.3.4).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Query types the handler treats specially.
+pub const TYPE_OPT: u16 = 41;
+pub const TYPE_SOA: u16 = 6;
+pub const TYPE_AXFR: u16 = 252;
+pub const TYPE_IXFR: u16 = 251;
+pub const TYPE_ANY: u16 = 255;
+/// Class IN and CHAOS.
+pub const CLASS_IN: u16 = 1;
+pub const CLASS_CH: u16 = 3;
+
+/// Response codes used by nodedns (RFC 1035 §4.1.1, RFC 6891 for BADVERS).
+pub mod rcode {
+    pub const NOERROR: u8 = 0;
+    pub const FORMERR: u8 = 1;
+    pub const SERVFAIL: u8 = 2;
+    pub const NXDOMAIN: u8 = 3;
+    pub const NOTIMP: u8 = 4;
+    pub const REFUSED: u8 = 5;
+    /// Extended rcode 16: the upper 8 bits (1) go in the OPT TTL, the lower 4 (0) in the header.
+    pub const BADVERS: u16 = 16;
+}
+
+// Header flag bits (the 16-bit word at offset 2).
+const FLAG_QR: u16 = 0x8000;
+const FLAG_AA: u16 = 0x0400;
+const FLAG_TC: u16 = 0x0200;
+const FLAG_RD: u16 = 0x0100;
+const FLAG_RA: u16 = 0x0080;
+const FLAG_AD: u16 = 0x0020;
+const FLAG_CD: u16 = 0x0010;
+const OPCODE_MASK: u16 = 0x7800;
+const DO_BIT: u32 = 0x0000_8000;
+
+/// Why a packet could not be scanned. The handler turns these into rcodes or drops.
+#[derive(Debug, Error, PartialEq, Eq, Clone, Copy)]
+pub enum WireError {
+    #[error("packet shorter than a DNS header")]
+    TooShort,
+    #[error("packet is a response (QR=1)")]
+    NotAQuery,
+    #[error("QDCOUNT is {0}, expected 1")]
+    QuestionCount(u16),
+    #[error("malformed question")]
+    BadQuestion,
+    #[error("malformed record after the question")]
+    BadRecord,
+    #[error("more than one OPT record")]
+    DuplicateOpt,
+}
+
+/// The client's EDNS(0) parameters, from its OPT record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Edns {
+    /// Advertised UDP payload size, raised to at least 512.
+    pub udp_payload: u16,
+    /// EDNS version; only 0 is supported (others get BADVERS).
+    pub version: u8,
+    /// DNSSEC OK.
+    pub dnssec_ok: bool,
+}
+
+/// The cache key of a question: name lowercased in wire format, type, class, and the DO and CD bits,
+/// which change what a validating upstream returns.
+#[derive(Clone, Copy)]
+pub struct KeyBuf {
+    name: [u8; MAX_NAME_LEN],
+    len: u8,
+    pub qtype: u16,
+    pub qclass: u16,
+    /// bit 0: DO, bit 1: CD.
+    pub bits: u8,
+}
+
+impl KeyBuf {
+    /// The lowercased wire-format name.
+    pub fn name(&self) -> &[u8] {
+        &self.name[..self.len as usize]
+    }
+}
+
+impl std::fmt::Debug for KeyBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {} do={} cd={}",
+            name_to_string(self.name()),
+            self.qtype,
+            self.qclass,
+            self.bits & 1,
+            (self.bits >> 1) & 1
+        )
+    }
+}
+
+/// A query scanned in place: everything the hit path needs, without allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryView<'a> {
+    pub id: u16,
+    /// The header's flag word as the client sent it.
+    pub flags: u16,
+    /// The question exactly as the client wrote it: name, type, class.
+    pub question: &'a [u8],
+    pub key: KeyBuf,
+    pub edns: Option<Edns>,
+}
+
+impl QueryView<'_> {
+    pub fn opcode(&self) -> u8 {
+        ((self.flags & OPCODE_MASK) >> 11) as u8
+    }
+    pub fn recursion_desired(&self) -> bool {
+        self.flags & FLAG_RD != 0
+    }
+    pub fn checking_disabled(&self) -> bool {
+        self.flags & FLAG_CD != 0
+    }
+    pub fn dnssec_ok(&self) -> bool {
+        self.edns.is_some_and(|e| e.dnssec_ok)
+    }
+    /// The largest UDP reply this client takes: 512 without EDNS, its advertised size (capped at
+    /// [`MAX_UDP_PAYLOAD`]) with it.
+    pub fn udp_limit(&self) -> usize {
+        match self.edns {
+            Some(e) => e.udp_payload.clamp(MIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD) as usize,
+            None => MIN_UDP_PAYLOAD as usize,
+        }
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Reads the header's ID, if the packet has at least two bytes (used to answer FORMERR to packets that
+/// cannot be scanned).
+pub fn peek_id(packet: &[u8]) -> Option<u16> {
+    (packet.len() >= 2).then(|| be16(packet, 0))
+}
+
+/// Scans a query in place: header, the one question (lowercasing the name into the key), and the
+/// OPT record if present. Rejects what a resolver must not answer as a normal query.
+pub fn scan_query(packet: &[u8]) -> Result<QueryView<'_>, WireError> {
+    if packet.len() < HEADER_LEN {
+        return Err(WireError::TooShort);
+    }
+    let id = be16(packet, 0);
+    let flags = be16(packet, 2);
+    if flags & FLAG_QR != 0 {
+        return Err(WireError::NotAQuery);
+    }
+    let qdcount = be16(packet, 4);
+    if qdcount != 1 {
+        return Err(WireError::QuestionCount(qdcount));
+    }
+    let mut name = [0u8; MAX_NAME_LEN];
+    let mut pos = HEADER_LEN;
+    let mut len = 0usize;
+    // Uncompressed name: labels of at most 63 bytes, at most 255 bytes in all. Pointers have no
+    // business in the first question, so they are malformed here.
+    loop {
+        let l = *packet.get(pos).ok_or(WireError::BadQuestion)? as usize;
+        if l > 63 || len + l + 1 > MAX_NAME_LEN {
+            return Err(WireError::BadQuestion);
+        }
+        let label = packet.get(pos..pos + 1 + l).ok_or(WireError::BadQuestion)?;
+        for (dst, src) in name[len..len + 1 + l].iter_mut().zip(label) {
+            *dst = src.to_ascii_lowercase();
+        }
+        len += l + 1;
+        pos += l + 1;
+        if l == 0 {
+            break;
+        }
+    }
+    let fixed = packet.get(pos..pos + 4).ok_or(WireError::BadQuestion)?;
+    let qtype = be16(fixed, 0);
+    let qclass = be16(fixed, 2);
+    let question_end = pos + 4;
+    let question = &packet[HEADER_LEN..question_end];
+
+    // Skip any answer/authority records (unusual in a query) and look for OPT in additional.
+    let ancount = be16(packet, 6) as usize;
+    let nscount = be16(packet, 8) as usize;
+    let arcount = be16(packet, 10) as usize;
+    let mut pos = question_end;
+    let mut edns = None;
+    for i in 0..ancount + nscount + arcount {
+        let rr = read_rr(packet, pos).ok_or(WireError::BadRecord)?;
+        if i >= ancount + nscount && rr.rtype == TYPE_OPT {
+            if edns.is_some() {
+                return Err(WireError::DuplicateOpt);
+            }
+            let ttl = be32(packet, rr.ttl_at);
+            edns = Some(Edns {
+                udp_payload: be16(packet, rr.ttl_at - 2).max(MIN_UDP_PAYLOAD),
+                version: (ttl >> 16) as u8,
+                dnssec_ok: ttl & DO_BIT != 0,
+            });
+        }
+        pos = rr.end;
+    }
+    let bits = u8::from(edns.is_some_and(|e| e.dnssec_ok)) | (u8::from(flags & FLAG_CD != 0) << 1);
+    Ok(QueryView {
+        id,
+        flags,
+        question,
+        key: KeyBuf {
+            name,
+            len: len as u8,
+            qtype,
+            qclass,
+            bits,
+        },
+        edns,
+    })
+}
+
+/// Where one resource record sits in a message.
+struct RrPos {
+    rtype: u16,
+    /// Offset of the TTL field (class is at `ttl_at - 2`).
+    ttl_at: usize,
+    /// Offset just past the record.
+    end: usize,
+}
+
+/// Skips a possibly compressed name; returns the offset after it.
+fn skip_name(msg: &[u8], mut pos: usize) -> Option<usize> {
+    loop {
+        let l = *msg.get(pos)?;
+        match l & 0xC0 {
+            0x00 if l == 0 => return Some(pos + 1),
+            0x00 => pos += 1 + l as usize,
+            0xC0 => {
+                msg.get(pos + 1)?;
+                return Some(pos + 2);
+            }
+            _ => return None,
+        }
+    }
+}
+
+fn read_rr(msg: &[u8], pos: usize) -> Option<RrPos> {
+    let p = skip_name(msg, pos)?;
+    let fixed = msg.get(p..p + 10)?;
+    let rtype = be16(fixed, 0);
+    let rdlen = be16(fixed, 8) as usize;
+    let end = p + 10 + rdlen;
+    if end > msg.len() {
+        return None;
+    }
+    Some(RrPos {
+        rtype,
+        ttl_at: p + 4,
+        end,
+    })
+}
+
+/// Renders a wire-format name for logs.
+pub fn name_to_string(wire: &[u8]) -> String {
+    let mut out = String::new();
+    let mut pos = 0;
+    while let Some(&l) = wire.get(pos) {
+        if l == 0 {
+            break;
+        }
+        let label = wire.get(pos + 1..pos + 1 + l as usize).unwrap_or_default();
+        for &c in label {
+            if c.is_ascii_graphic() && c != b'.' && c != b'\\' {
+                out.push(c as char);
+            } else {
+                out.push_str(&format!("\\{c:03}"));
+            }
+        }
+        out.push('.');
+        pos += 1 + l as usize;
+    }
+    if out.is_empty() {
+        out.push('.');
+    }
+    out
+}
+
+/// Builds the query nodedns sends upstream: the client's header flags (RD, CD) and question bytes
+/// under a fresh ID, and an OPT record advertising [`EDNS_PAYLOAD`] with the client's DO bit. The
+/// client's own OPT options (cookies, padding) are not forwarded: they belong to its hop.
+pub fn build_upstream_query(view: &QueryView<'_>, id: u16, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&id.to_be_bytes());
+    let flags = view.flags & (FLAG_RD | FLAG_CD | FLAG_AD | OPCODE_MASK);
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 1]);
+    out.extend_from_slice(view.question);
+    push_opt(out, EDNS_PAYLOAD, 0, view.dnssec_ok());
+}
+
+/// Appends an OPT pseudo-record (root name, no options).
+fn push_opt(out: &mut Vec<u8>, payload: u16, ext_rcode: u8, dnssec_ok: bool) {
+    out.push(0);
+    out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+    out.extend_from_slice(&payload.to_be_bytes());
+    let ttl = (u32::from(ext_rcode) << 24) | if dnssec_ok { DO_BIT } else { 0 };
+    out.extend_from_slice(&ttl.to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+}
+
+/// Writes a reply made of the header and the client's question only: used for errors (FORMERR,
+/// SERVFAIL, REFUSED, NOTIMP) and locally answered queries.
+pub fn render_error(view: &QueryView<'_>, rc: u16, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&view.id.to_be_bytes());
+    let flags = FLAG_QR | (view.flags & (OPCODE_MASK | FLAG_RD | FLAG_CD)) | FLAG_RA | (rc & 0xF);
+    out.extend_from_slice(&flags.to_be_bytes());
+    let ar = u16::from(view.edns.is_some());
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 0]);
+    out.extend_from_slice(&ar.to_be_bytes());
+    out.extend_from_slice(view.question);
+    if view.edns.is_some() {
+        push_opt(out, EDNS_PAYLOAD, (rc >> 4) as u8, view.dnssec_ok());
+    }
+}
+
+/// A FORMERR for a packet whose question could not be read: header only, the client's ID.
+pub fn render_formerr_header(id: u16, flags: u16, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&id.to_be_bytes());
+    let flags = FLAG_QR | (flags & (OPCODE_MASK | FLAG_RD)) | FLAG_RA | u16::from(rcode::FORMERR);
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&[0; 8]);
+}
+
+/// What a cached response is: how the cache files it and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// NOERROR with answers.
+    Positive,
+    /// NXDOMAIN, or NOERROR without answers (NODATA): RFC 2308 negative answers.
+    Negative,
+    /// SERVFAIL, cached only when `--servfail-ttl` asks for it.
+    ServFail,
+    /// Anything else (REFUSED, truncated, ...): passed to the client, never cached.
+    Uncacheable,
+}
+
+/// TTL policy applied when a response is stored (see the README's cache section).
+#[derive(Debug, Clone, Copy)]
+pub struct TtlPolicy {
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+    pub max_negative_ttl: Duration,
+    pub servfail_ttl: Duration,
+}
+
+impl Default for TtlPolicy {
+    fn default() -> Self {
+        TtlPolicy {
+            min_ttl: Duration::ZERO,
+            max_ttl: Duration::from_secs(30),
+            max_negative_ttl: Duration::from_secs(5),
+            servfail_ttl: Duration::ZERO,
+        }
+    }
+}
+
+/// Why an upstream reply was not accepted.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ResponseError {
+    #[error("reply does not parse: {0}")]
+    Malformed(String),
+    #[error("reply ID does not match")]
+    IdMismatch,
+    #[error("reply is not a response")]
+    NotAResponse,
+    #[error("reply question does not match the query")]
+    QuestionMismatch,
+    #[error("reply too large to store")]
+    TooLarge,
+}
+
+/// A response from upstream, validated and ready to be cached and served many times.
+///
+/// `bytes` is the whole message without any OPT record; `ttls` are the offsets of every RR's TTL
+/// field, and the TTLs stored there have already been lowered to the entry's lifetime, so serving
+/// only has to subtract the age.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub bytes: Box<[u8]>,
+    pub ttls: Box<[u16]>,
+    /// Offset just past the question.
+    pub question_end: u16,
+    pub kind: Kind,
+    pub rcode: u8,
+    /// How long this response may be served from cache (zero: do not cache).
+    pub lifetime: Duration,
+    /// When it was stored.
+    pub stored: Instant,
+}
+
+impl Response {
+    /// Validates an upstream reply to `view`'s query sent with ID `sent_id`, strips its OPT, works
+    /// out its kind and lifetime under `policy`, and lowers every TTL to that lifetime.
+    ///
+    /// hickory-proto parses the message first: if it does not parse, it is not served or cached.
+    pub fn from_upstream(
+        reply: &[u8],
+        sent_id: u16,
+        view: &QueryView<'_>,
+        policy: &TtlPolicy,
+        now: Instant,
+    ) -> Result<Response, ResponseError> {
+        if reply.len() < HEADER_LEN {
+            return Err(ResponseError::Malformed("short".into()));
+        }
+        if be16(reply, 0) != sent_id {
+            return Err(ResponseError::IdMismatch);
+        }
+        let flags = be16(reply, 2);
+        if flags & FLAG_QR == 0 {
+            return Err(ResponseError::NotAResponse);
+        }
+        if reply.len() > u16::MAX as usize {
+            return Err(ResponseError::TooLarge);
+        }
+        let msg = Message::from_vec(reply).map_err(|e| ResponseError::Malformed(e.to_string()))?;
+        // The question must be ours, compared case-insensitively (upstream may normalise case).
+        let qend = HEADER_LEN + view.question.len();
+        if be16(reply, 4) != 1
+            || reply.len() < qend
+            || !reply[HEADER_LEN..qend].eq_ignore_ascii_case(view.question)
+        {
+            return Err(ResponseError::QuestionMismatch);
+        }
+
+        // Walk the records once: TTL offsets, the OPT to strip, min answer TTL, the SOA for RFC 2308.
+        let counts = [be16(reply, 6), be16(reply, 8), be16(reply, 10)];
+        let mut pos = qend;
+        let mut ttls = Vec::with_capacity(counts.iter().map(|&c| c as usize).sum());
+        let mut opt: Option<(usize, usize)> = None;
+        let mut min_answer_ttl: Option<u32> = None;
+        let mut soa_negative_ttl: Option<u32> = None;
+        for (section, &count) in counts.iter().enumerate() {
+            for _ in 0..count {
+                let rr = read_rr(reply, pos)
+                    .ok_or_else(|| ResponseError::Malformed("record overruns message".into()))?;
+                let ttl = be32(reply, rr.ttl_at);
+                if rr.rtype == TYPE_OPT {
+                    opt = Some((pos, rr.end));
+                } else {
+                    ttls.push(rr.ttl_at);
+                    if section == 0 {
+                        min_answer_ttl = Some(min_answer_ttl.map_or(ttl, |m| m.min(ttl)));
+                    } else if section == 1 && rr.rtype == TYPE_SOA && soa_negative_ttl.is_none() {
+                        // SOA MINIMUM is the last 4 bytes of its RDATA.
+                        let minimum = be32(reply, rr.end - 4);
+                        soa_negative_ttl = Some(ttl.min(minimum));
+                    }
+                }
+                pos = rr.end;
+            }
+        }
+
+        // RFC 6891: the extended rcode's upper bits live in the OPT; hickory combined them.
+        let rc = u16::from(msg.metadata.response_code);
+        let truncated = flags & FLAG_TC != 0;
+        let has_answers = counts[0] > 0;
+        let kind = if truncated || rc > 15 {
+            Kind::Uncacheable
+        } else {
+            match msg.metadata.response_code {
+                ResponseCode::NoError if has_answers => Kind::Positive,
+                ResponseCode::NoError | ResponseCode::NXDomain => Kind::Negative,
+                ResponseCode::ServFail => Kind::ServFail,
+                _ => Kind::Uncacheable,
+            }
+        };
+        let secs = |d: Duration| d.as_secs().min(u32::MAX as u64) as u32;
+        let lifetime_secs: u32 = match kind {
+            Kind::Positive => min_answer_ttl.unwrap_or(0).clamp(
+                secs(policy.min_ttl),
+                secs(policy.max_ttl).max(secs(policy.min_ttl)),
+            ),
+            // No SOA: RFC 2308 §5 says do not cache.
+            Kind::Negative => soa_negative_ttl.map_or(0, |t| t.min(secs(policy.max_negative_ttl))),
+            Kind::ServFail => secs(policy.servfail_ttl),
+            Kind::Uncacheable => 0,
+        };
+        if let Some((_, end)) = opt
+            && end < reply.len()
+        {
+            // OPT is not the last record: later names may point past it, so cutting it out could
+            // break them. Rare; let hickory re-encode the message without the OPT and start over.
+            let mut msg = msg;
+            msg.edns = None;
+            let re = msg
+                .to_vec()
+                .map_err(|e| ResponseError::Malformed(e.to_string()))?;
+            return Response::from_upstream(&re, sent_id, view, policy, now);
+        }
+
+        // Copy without the OPT, which is the last record here: nothing points into it, so cutting it
+        // off leaves every name and TTL offset where it was.
+        let mut bytes = Vec::with_capacity(reply.len());
+        match opt {
+            Some((start, end)) => {
+                bytes.extend_from_slice(&reply[..start]);
+                bytes.extend_from_slice(&reply[end..]);
+                let ar = counts[2] - 1;
+                bytes[10..12].copy_from_slice(&ar.to_be_bytes());
+            }
+            None => bytes.extend_from_slice(reply),
+        }
+        // Lower every TTL to the lifetime so no served TTL outlives the entry.
+        let cap = lifetime_secs;
+        for &t in &ttls {
+            let v = be32(&bytes, t);
+            let lowered = if kind == Kind::Uncacheable {
+                v
+            } else {
+                v.min(cap)
+            };
+            bytes[t..t + 4].copy_from_slice(&lowered.to_be_bytes());
+        }
+        Ok(Response {
+            bytes: bytes.into_boxed_slice(),
+            ttls: ttls.into_iter().map(|t| t as u16).collect(),
+            question_end: qend as u16,
+            kind,
+            rcode: (rc & 0xF) as u8,
+            lifetime: Duration::from_secs(u64::from(lifetime_secs)),
+            stored: now,
+        })
+    }
+
+    /// Whether this response may still be served at `now`.
+    pub fn is_fresh(&self, now: Instant) -> bool {
+        now < self.stored + self.lifetime
+    }
+
+    /// Memory this response holds, for the cache's byte budget.
+    pub fn weight(&self) -> usize {
+        std::mem::size_of::<Self>() + self.bytes.len() + self.ttls.len() * 2
+    }
+}
+
+/// Writes the reply to `view` from a cached response into `out`: the client's ID, RD and question
+/// spelling, every TTL lowered by the whole seconds since the response was stored, an OPT only if the
+/// client sent one, and TC=1 with the question alone if it would not fit in `limit` bytes.
+///
+/// This is the hit path: one copy and a few stores, no parsing, no allocation once `out` has grown.
+pub fn render(
+    resp: &Response,
+    view: &QueryView<'_>,
+    now: Instant,
+    limit: usize,
+    out: &mut Vec<u8>,
+) {
+    let age = now.saturating_duration_since(resp.stored).as_secs();
+    let age = age.min(u32::MAX as u64) as u32;
+    let qend = resp.question_end as usize;
+    let opt_len = if view.edns.is_some() { 11 } else { 0 };
+    let flags = be16(&resp.bytes, 2);
+    let flags = (flags & !(FLAG_RD | FLAG_CD | FLAG_AA | FLAG_TC))
+        | (view.flags & (FLAG_RD | FLAG_CD))
+        | FLAG_RA;
+    out.clear();
+    if resp.bytes.len() + opt_len > limit {
+        // Too big for this client over UDP: header and question with TC=1 (RFC 2181 §9).
+        out.extend_from_slice(&resp.bytes[..qend]);
+        out[4..12].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+        out[2..4].copy_from_slice(&(flags | FLAG_TC).to_be_bytes());
+    } else {
+        out.extend_from_slice(&resp.bytes);
+        out[2..4].copy_from_slice(&flags.to_be_bytes());
+        for &t in resp.ttls.iter() {
+            let t = t as usize;
+            let v = be32(out, t).saturating_sub(age);
+            out[t..t + 4].copy_from_slice(&v.to_be_bytes());
+        }
+    }
+    out[0..2].copy_from_slice(&view.id.to_be_bytes());
+    out[HEADER_LEN..qend].copy_from_slice(view.question);
+    if view.edns.is_some() {
+        let ar = be16(out, 10) + 1;
+        out[10..12].copy_from_slice(&ar.to_be_bytes());
+        push_opt(out, EDNS_PAYLOAD, 0, view.dnssec_ok());
+    }
+}
+
+/// Whether a message has TC=1.
+pub fn is_truncated(msg: &[u8]) -> bool {
+    msg.len() >= 4 && be16(msg, 2) & FLAG_TC != 0
+}
+
+/// The rcode of a message (lower 4 bits).
+pub fn header_rcode(msg: &[u8]) -> u8 {
+    if msg.len() >= 4 { msg[3] & 0xF } else { 0 }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

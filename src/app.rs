@@ -1,0 +1,212 @@
+//! Wiring: config → upstreams and cache → node setup → listeners → admin → wait → shutdown.
+//!
+//! Also the adapters that connect the sans-IO core's hooks (`server::Recorder`,
+//! `upstream::Observer`) to metrics, readiness and logs.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminState};
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::handler::{Answered, Handler, Proto, Source};
+use crate::logging::RateLimitedLog;
+use crate::metrics::{self, CacheKind, CacheSnapshot, Metrics, UpstreamFailure};
+use crate::server::{Ctx, Listeners, Recorder};
+use crate::upstream::{AttemptError, AttemptResult, Observer, Transport, Upstreams};
+use crate::wire::{self, rcode};
+
+fn metrics_proto(p: Proto) -> metrics::Proto {
+    match p {
+        Proto::Udp => metrics::Proto::Udp,
+        Proto::Tcp => metrics::Proto::Tcp,
+    }
+}
+
+/// Counts requests, hits and misses; writes the query log when asked to.
+struct RequestRecorder {
+    metrics: Arc<Metrics>,
+    log_queries: bool,
+}
+
+impl Recorder for RequestRecorder {
+    fn answered(&self, worker: usize, proto: Proto, a: &Answered, query: &[u8]) {
+        let w = self.metrics.worker(worker);
+        w.request(metrics_proto(proto), a.qtype, a.rcode);
+        if let Source::Cache { negative } = a.source {
+            w.cache_hit(if negative {
+                CacheKind::Negative
+            } else {
+                CacheKind::Positive
+            });
+        }
+        if self.log_queries {
+            let name = wire::scan_query(query)
+                .map(|v| wire::name_to_string(v.key.name()))
+                .unwrap_or_else(|_| "-".into());
+            tracing::info!(target: "nodedns::query", name, qtype = a.qtype, rcode = a.rcode, source = ?a.source, ?proto, "query");
+        }
+    }
+
+    fn miss(&self, worker: usize) {
+        self.metrics.worker(worker).cache_miss();
+    }
+
+    fn in_flight(&self, worker: usize, delta: i64) {
+        let w = self.metrics.worker(worker);
+        if delta > 0 {
+            w.in_flight_inc();
+        } else {
+            w.in_flight_dec();
+        }
+    }
+}
+
+/// Counts upstream attempts and failures, marks upstreams reachable, logs failures (rate-limited so
+/// an outage cannot flood the node's disk).
+struct UpstreamRecorder {
+    metrics: Arc<Metrics>,
+    admin: Arc<AdminState>,
+    servers: Vec<SocketAddr>,
+    limiter: RateLimitedLog,
+}
+
+impl Observer for UpstreamRecorder {
+    fn attempt(&self, server: usize, transport: Transport, result: AttemptResult, took: Duration) {
+        let proto = match transport {
+            Transport::Udp => metrics::Proto::Udp,
+            Transport::Tcp => metrics::Proto::Tcp,
+        };
+        self.metrics.upstream_query(server, proto);
+        let failure = match result {
+            AttemptResult::Reply(rc) => {
+                self.metrics.upstream_duration(server, took);
+                self.admin.set_upstream_reachable(true);
+                match rc {
+                    rcode::SERVFAIL => Some(UpstreamFailure::Servfail),
+                    rcode::REFUSED => Some(UpstreamFailure::Refused),
+                    _ => None,
+                }
+            }
+            AttemptResult::Failed(AttemptError::Timeout) => Some(UpstreamFailure::Timeout),
+            AttemptResult::Failed(AttemptError::Refused) => Some(UpstreamFailure::Refused),
+            AttemptResult::Failed(AttemptError::Network) => Some(UpstreamFailure::Network),
+        };
+        if let Some(f) = failure {
+            self.metrics.upstream_failure(server, f);
+            let key = match f {
+                UpstreamFailure::Timeout => "upstream-timeout",
+                UpstreamFailure::Refused => "upstream-refused",
+                UpstreamFailure::Servfail => "upstream-servfail",
+                UpstreamFailure::Network => "upstream-network",
+            };
+            if self.limiter.allow(key) {
+                let addr = self.servers.get(server).copied();
+                tracing::warn!(upstream = ?addr, cause = ?f, ?transport, "upstream attempt failed");
+            }
+        }
+    }
+}
+
+/// Runs nodedns until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let upstreams = Upstreams::new(&config.zones, config.upstream).map_err(anyhow::Error::msg)?;
+    let zones_servers = upstreams.servers().to_vec();
+    let metrics = Arc::new(Metrics::new(&zones_servers, config.server.workers));
+    let first = config.server.listen[0];
+    let admin_state = Arc::new(AdminState::new(metrics.clone(), Some(first)));
+    let observer = Arc::new(UpstreamRecorder {
+        metrics: metrics.clone(),
+        admin: admin_state.clone(),
+        servers: zones_servers.clone(),
+        limiter: RateLimitedLog::new(5, Duration::from_secs(10)),
+    });
+    let upstreams = upstreams.with_observer(observer);
+    for z in &config.zones {
+        tracing::info!(zone = %z.zone, servers = ?z.servers, "forwarding");
+    }
+    let handler = Handler::new(Cache::new(config.limits), config.policy);
+    let recorder = Arc::new(RequestRecorder {
+        metrics: metrics.clone(),
+        log_queries: config.log_queries,
+    });
+    let ctx = Arc::new(Ctx::new(
+        handler,
+        upstreams,
+        recorder,
+        config.server.max_concurrent,
+    ));
+    let weak: Weak<Ctx> = Arc::downgrade(&ctx);
+    metrics.set_cache_snapshot_provider(move || {
+        weak.upgrade()
+            .map(|c| {
+                let s = c.handler.cache.stats();
+                CacheSnapshot {
+                    positive_entries: s.positive_entries,
+                    negative_entries: s.negative_entries,
+                    positive_bytes: s.positive_bytes,
+                    negative_bytes: s.negative_bytes,
+                    positive_evictions: s.positive_evictions,
+                    negative_evictions: s.negative_evictions,
+                }
+            })
+            .unwrap_or_default()
+    });
+
+    let listeners = Listeners::start(ctx.clone(), &config.server)?;
+    tracing::info!(listen = ?listeners.bound, "serving DNS");
+    admin_state.set_listeners_bound(true);
+    admin_state.set_setup_done(true);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut admin_tasks = Vec::new();
+    let admin_addrs: Vec<SocketAddr> = match (config.metrics_listen, config.health_listen) {
+        (Some(m), Some(h)) if m == h => vec![m],
+        (m, h) => m.into_iter().chain(h).collect(),
+    };
+    for addr in admin_addrs {
+        let l = admin::bind(addr)
+            .map_err(|e| anyhow::anyhow!("cannot bind the HTTP endpoint {addr}: {e}"))?;
+        tracing::info!(%addr, "serving /metrics, /health and /ready");
+        admin_tasks.push(tokio::spawn(admin::serve(
+            l,
+            admin_state.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    // Readiness wants one reachable upstream: probe until one answers (real traffic also counts).
+    let probe_ctx = ctx.clone();
+    let probe_state = admin_state.clone();
+    let mut probe_stop = stop_rx.clone();
+    let prober = tokio::spawn(async move {
+        loop {
+            if probe_state.missing_readiness().is_empty() {
+                return;
+            }
+            if probe_ctx.upstreams.probe(Duration::from_secs(1)).await {
+                probe_state.set_upstream_reachable(true);
+                tracing::info!("an upstream answered; ready");
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = probe_stop.changed() => return,
+            }
+        }
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    prober.abort();
+    listeners.shutdown().await;
+    for t in admin_tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}

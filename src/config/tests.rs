@@ -1,0 +1,158 @@
+use super::*;
+use std::collections::HashMap;
+use std::io::Write;
+
+fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
+    Cli::try_parse_from(std::iter::once("nodedns").chain(args.iter().copied()))
+}
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+#[test]
+fn durations_accept_units() {
+    assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+    assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+    assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+    assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+    assert!(parse_duration("5x").is_err());
+    assert!(parse_duration("").is_err());
+    assert!(parse_duration("-1").is_err());
+}
+
+#[test]
+fn booleans_in_every_style() {
+    assert!(cli(&["--force-tcp"]).unwrap().force_tcp);
+    assert!(cli(&["--force-tcp=true"]).unwrap().force_tcp);
+    assert!(!cli(&["--force-tcp=false"]).unwrap().force_tcp);
+    assert!(!cli(&["--setup-interface=false"]).unwrap().setup_interface);
+    assert!(cli(&[]).unwrap().setup_interface);
+    assert!(cli(&["--force-tcp=maybe"]).is_err());
+}
+
+#[test]
+fn defaults_match_the_addon() {
+    let c = cli(&["--upstream", "127.0.0.1"])
+        .unwrap()
+        .into_config(no_env)
+        .unwrap();
+    assert_eq!(c.listen, vec!["169.254.20.10:53".parse().unwrap()]);
+    assert_eq!(c.policy.max_ttl, Duration::from_secs(30));
+    assert_eq!(c.policy.max_negative_ttl, Duration::from_secs(5));
+    assert_eq!(c.limits.positive_entries, 9984);
+    assert_eq!(c.limits.negative_entries, 9984);
+    assert_eq!(c.upstream.attempt_timeout, Duration::from_secs(2));
+    assert_eq!(c.upstream.deadline, Duration::from_secs(5));
+    assert_eq!(
+        c.zones,
+        vec![ZoneSpec {
+            zone: ".".into(),
+            servers: vec!["127.0.0.1:53".parse().unwrap()]
+        }]
+    );
+}
+
+#[test]
+fn bad_values_are_errors_not_panics() {
+    assert!(cli(&["--listen", "nope"]).is_err());
+    assert!(
+        cli(&["--listen", "1.2.3.4"]).is_err(),
+        "a listen address needs a port"
+    );
+    assert!(cli(&["--upstream", "1.2.3.4:99999"]).is_err());
+    assert!(cli(&["--forward", "cluster.local"]).is_err());
+    assert!(cli(&["--forward", "a..b=1.2.3.4"]).is_err());
+    assert!(cli(&["--cache-size", "-1"]).is_err());
+    assert!(cli(&["--no-such-flag"]).is_err());
+    let e = cli(&["--upstream", "127.0.0.1", "--cache-size", "0"])
+        .unwrap()
+        .into_config(no_env);
+    assert!(e.is_err());
+}
+
+#[test]
+fn forward_and_servers_parse() {
+    let z = parse_forward("Cluster.Local=10.96.0.10,10.96.0.11:5353,[::1]:53").unwrap();
+    assert_eq!(z.zone, "cluster.local");
+    assert_eq!(
+        z.servers,
+        vec![
+            "10.96.0.10:53".parse().unwrap(),
+            "10.96.0.11:5353".parse().unwrap(),
+            "[::1]:53".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        parse_server("fd00::10").unwrap(),
+        "[fd00::10]:53".parse().unwrap()
+    );
+}
+
+#[test]
+fn cluster_dns_from_service_env() {
+    let env: HashMap<&str, &str> = [
+        ("KUBE_DNS_UPSTREAM_SERVICE_HOST", "10.96.0.10"),
+        ("KUBE_DNS_UPSTREAM_SERVICE_PORT", "53"),
+    ]
+    .into();
+    let get = |k: &str| env.get(k).map(|v| v.to_string());
+    let c = cli(&["--upstream", "127.0.0.1"])
+        .unwrap()
+        .into_config(get)
+        .unwrap();
+    let zones: Vec<_> = c
+        .zones
+        .iter()
+        .map(|z| (z.zone.as_str(), z.servers[0].to_string()))
+        .collect();
+    assert!(zones.contains(&("cluster.local", "10.96.0.10:53".into())));
+    assert!(zones.contains(&("in-addr.arpa", "10.96.0.10:53".into())));
+    assert!(zones.contains(&("ip6.arpa", "10.96.0.10:53".into())));
+    let bad = |k: &str| (k == "KUBE_DNS_UPSTREAM_SERVICE_HOST").then(|| "not-an-ip".to_string());
+    let e = cli(&["--upstream", "127.0.0.1"])
+        .unwrap()
+        .into_config(bad)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("KUBE_DNS_UPSTREAM_SERVICE_HOST"),
+        "{e}"
+    );
+}
+
+#[test]
+fn resolv_conf_gives_the_default_zone_without_ourselves() {
+    let dir = std::env::temp_dir().join(format!("nodedns-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("resolv.conf");
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "search default.svc.cluster.local\nnameserver 169.254.20.10\nnameserver 10.0.0.2\noptions ndots:5").unwrap();
+    let p = path.to_str().unwrap();
+    let c = cli(&["--resolv-conf", p, "--listen", "169.254.20.10:53"])
+        .unwrap()
+        .into_config(no_env)
+        .unwrap();
+    assert_eq!(c.zones[0].servers, vec!["10.0.0.2:53".parse().unwrap()]);
+    std::fs::write(&path, "nameserver 169.254.20.10\n").unwrap();
+    assert!(
+        cli(&["--resolv-conf", p, "--listen", "169.254.20.10:53"])
+            .unwrap()
+            .into_config(no_env)
+            .is_err()
+    );
+    std::fs::write(&path, "garbage\n").unwrap();
+    assert!(
+        cli(&["--resolv-conf", p])
+            .unwrap()
+            .into_config(no_env)
+            .is_err()
+    );
+    let missing = dir.join("missing");
+    assert!(
+        cli(&["--resolv-conf", missing.to_str().unwrap()])
+            .unwrap()
+            .into_config(no_env)
+            .is_err()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,1 +1,0 @@
-//! firewall (to be written)
