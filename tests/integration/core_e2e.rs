@@ -584,10 +584,15 @@ async fn force_tcp_uses_tcp_and_reuses_connections() {
     for t in tasks {
         assert_eq!(t.await.unwrap().answers.len(), 1);
     }
-    assert_eq!(
-        up.udp_queries(),
-        0,
-        "--force-tcp: the upstream must see no UDP query"
+    // Client queries (the readiness probe `. NS` is checked by its own test below).
+    let udp_names: Vec<String> = up
+        .udp_query_names()
+        .into_iter()
+        .filter(|n| !n.is_empty())
+        .collect();
+    assert!(
+        udp_names.is_empty(),
+        "--force-tcp: the upstream must see no UDP query; saw UDP queries for {udp_names:?}"
     );
     assert!(up.tcp_queries() >= 40, "tcp queries: {}", up.tcp_queries());
     assert!(
@@ -908,5 +913,23 @@ async fn listens_on_every_listen_address() {
         up.queries("two.example"),
         1,
         "one cache shared by all listeners"
+    );
+}
+
+#[tokio::test]
+async fn force_tcp_readiness_probe_uses_tcp_too() {
+    let up = FakeUpstream::start().await;
+    up.set_a("ready.example", IP1, 30);
+    let node = Nodedns::with_upstream(&up, &["--force-tcp"]).await;
+    let r = query_udp(node.addr, "ready.example", RecordType::A, None, false).await;
+    assert_eq!(a_addrs(&r), vec![IP1]);
+    // Bounded wait for any background traffic (the readiness probe runs at start).
+    let saw_udp =
+        crate::harness::wait_until(Duration::from_millis(1500), || up.udp_queries() > 0).await;
+    assert!(
+        !saw_udp,
+        "--force-tcp: the upstream must see no UDP query at all, but saw UDP queries for {:?} \
+         (\"\" is the root: the readiness probe `. NS`)",
+        up.udp_query_names()
     );
 }

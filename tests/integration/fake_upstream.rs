@@ -62,6 +62,7 @@ struct State {
     queries: HashMap<String, usize>,
     tcp_queries_by_name: HashMap<String, usize>,
     last_query: HashMap<String, Message>,
+    udp_names: Vec<String>,
     udp_queries: usize,
     tcp_queries: usize,
     tcp_connections: usize,
@@ -231,6 +232,11 @@ impl FakeUpstream {
         self.lock().udp_queries
     }
 
+    /// The names of the queries seen over UDP, in order (for diagnostics).
+    pub fn udp_query_names(&self) -> Vec<String> {
+        self.lock().udp_names.clone()
+    }
+
     pub fn tcp_queries(&self) -> usize {
         self.lock().tcp_queries
     }
@@ -354,7 +360,10 @@ async fn handle(packet: &[u8], transport: Transport, state: &Mutex<State>) -> Op
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         *s.queries.entry(key.clone()).or_default() += 1;
         match transport {
-            Transport::Udp => s.udp_queries += 1,
+            Transport::Udp => {
+                s.udp_queries += 1;
+                s.udp_names.push(key.clone());
+            }
             Transport::Tcp => {
                 s.tcp_queries += 1;
                 *s.tcp_queries_by_name.entry(key.clone()).or_default() += 1;

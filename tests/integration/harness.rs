@@ -81,8 +81,9 @@ pub fn help_mentions(flag: &str) -> bool {
     help.contains(flag)
 }
 
-/// `--setup-interface=false --firewall none`, each only if the binary documents it: the tests
-/// must never touch the host's interfaces or firewall.
+/// `--setup-interface=false --firewall none --metrics-listen off --health-listen off`, each only
+/// if the binary documents it: the tests must never touch the host's interfaces or firewall, nor
+/// listen beyond loopback.
 pub fn safety_args() -> Vec<&'static str> {
     let mut v = Vec::new();
     if help_mentions("--setup-interface") {
@@ -90,6 +91,14 @@ pub fn safety_args() -> Vec<&'static str> {
     }
     if help_mentions("--firewall") {
         v.extend(["--firewall", "none"]);
+    }
+    // The admin endpoints default to fixed ports (and 0.0.0.0): off, so that tests run in
+    // parallel and stay on loopback.
+    if help_mentions("--metrics-listen") {
+        v.extend(["--metrics-listen", "off"]);
+    }
+    if help_mentions("--health-listen") {
+        v.extend(["--health-listen", "off"]);
     }
     v
 }
