@@ -33,6 +33,10 @@ pub enum Behavior {
     TruncateUdp,
     /// Answer NXDOMAIN without an SOA in the authority section.
     NxDomainNoSoa,
+    /// Answer normally but with a different message ID (a spoofed or stale reply).
+    WrongId,
+    /// Answer normally but with a different question name in the reply.
+    WrongName,
 }
 
 /// Which transport a query arrived on.
@@ -408,6 +412,14 @@ async fn handle(packet: &[u8], transport: Transport, state: &Mutex<State>) -> Op
         Behavior::NxDomainNoSoa => {
             reply.metadata.response_code = ResponseCode::NXDomain;
             return reply.to_vec().ok();
+        }
+        Behavior::WrongId => reply.metadata.id = query.id ^ 0x5a5a,
+        Behavior::WrongName => {
+            reply.queries.clear();
+            reply.add_query(hickory_proto::op::Query::query(
+                fqdn("spoofed.invalid."),
+                q.query_type(),
+            ));
         }
         Behavior::Normal | Behavior::TruncateUdp => {}
     }

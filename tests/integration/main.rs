@@ -5,6 +5,7 @@
 mod cli;
 mod core_e2e;
 mod dig;
+mod edge_e2e;
 mod fake_selftest;
 mod fake_upstream;
 mod harness;
