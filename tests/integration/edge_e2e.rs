@@ -4,8 +4,8 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::RecordType;
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -282,4 +282,90 @@ async fn truncated_reply_echoes_question_and_opt() {
             "{label}: OPT iff in query"
         );
     }
+}
+
+#[tokio::test]
+async fn zero_ttl_answer_served_with_zero_ttl() {
+    let up = FakeUpstream::start().await;
+    up.set_a("zero.example", IP1, 0);
+    let node = Nodedns::with_upstream(&up, &[]).await;
+    for _ in 0..2 {
+        let r = query_udp(node.addr, "zero.example", RecordType::A, None, false).await;
+        assert_eq!(a_addrs(&r), vec![IP1]);
+        assert_eq!(
+            r.answers[0].ttl, 0,
+            "served TTL must not exceed the upstream TTL 0"
+        );
+    }
+    eprintln!(
+        "TTL 0: {} upstream queries for 2 client queries",
+        up.queries("zero.example")
+    );
+}
+
+#[tokio::test]
+async fn label_with_dot_is_not_two_labels() {
+    let up = FakeUpstream::start().await;
+    // `a\.b.example` is one label "a.b" under example; `a.b.example` is two labels.
+    up.set_a("a\\.b.example", Ipv4Addr::new(10, 6, 0, 1), 30);
+    up.set_a("a.b.example", Ipv4Addr::new(10, 6, 0, 2), 30);
+    let node = Nodedns::with_upstream(&up, &[]).await;
+    for _ in 0..2 {
+        let r = query_udp(node.addr, "a\\.b.example", RecordType::A, None, false).await;
+        assert_eq!(
+            a_addrs(&r),
+            vec![Ipv4Addr::new(10, 6, 0, 1)],
+            "one label a.b"
+        );
+        let r = query_udp(node.addr, "a.b.example", RecordType::A, None, false).await;
+        assert_eq!(
+            a_addrs(&r),
+            vec![Ipv4Addr::new(10, 6, 0, 2)],
+            "two labels a, b"
+        );
+    }
+    assert_eq!(up.queries("a\\.b.example"), 1);
+    assert_eq!(up.queries("a.b.example"), 1);
+}
+
+#[tokio::test]
+async fn case_folding_is_ascii_only() {
+    let up = FakeUpstream::start().await;
+    let node = Nodedns::with_upstream(&up, &[]).await;
+    // Labels with bytes 0xC1 and 0xE1 (Latin-1 'Á' / 'á'): different names in DNS, as case
+    // folding is ASCII only. The fake names them with hickory's octal escapes.
+    let raw_query = |id: u16, first: u8| {
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        let label: Vec<u8> = vec![first, b'x'];
+        let name = Name::from_labels(vec![label, b"example".to_vec()]).unwrap();
+        m.add_query(Query::query(name, RecordType::A));
+        m
+    };
+    let upper = raw_query(0x1111, 0xc1);
+    let lower = raw_query(0x2222, 0xe1);
+    up.set_a("\\301x.example", Ipv4Addr::new(10, 7, 0, 1), 30);
+    up.set_a("\\341x.example", Ipv4Addr::new(10, 7, 0, 2), 30);
+    for _ in 0..2 {
+        let r = exchange_udp(node.addr, &upper).await;
+        assert_eq!(a_addrs(&r), vec![Ipv4Addr::new(10, 7, 0, 1)], "byte 0xC1");
+        let r = exchange_udp(node.addr, &lower).await;
+        assert_eq!(a_addrs(&r), vec![Ipv4Addr::new(10, 7, 0, 2)], "byte 0xE1");
+    }
+}
+
+#[tokio::test]
+async fn longest_names_forwarded_and_cached() {
+    let up = FakeUpstream::start().await;
+    // 3 labels of 63 + one of 61 = 253 characters: the longest legal name.
+    let l63 = "x".repeat(63);
+    let name = format!("{l63}.{l63}.{l63}.{}", "y".repeat(61));
+    assert_eq!(name.len(), 253);
+    up.set_a(&name, IP1, 30);
+    let node = Nodedns::with_upstream(&up, &[]).await;
+    for _ in 0..2 {
+        let r = query_udp(node.addr, &name, RecordType::A, Some(1232), false).await;
+        assert_eq!(a_addrs(&r), vec![IP1]);
+    }
+    assert_eq!(up.queries(&name), 1);
 }
