@@ -933,3 +933,46 @@ async fn force_tcp_readiness_probe_uses_tcp_too() {
         up.udp_query_names()
     );
 }
+
+#[tokio::test]
+async fn nodata_without_soa_not_cached() {
+    let up = FakeUpstream::start().await;
+    up.set_a("v4.example", IP1, 30);
+    up.clear_soa();
+    let node = Nodedns::with_upstream(&up, &[]).await;
+    let r = query_udp(node.addr, "v4.example", RecordType::AAAA, None, false).await;
+    assert_eq!(r.response_code, ResponseCode::NoError);
+    assert!(r.answers.is_empty());
+    let n1 = up.queries("v4.example");
+    let r = query_udp(node.addr, "v4.example", RecordType::AAAA, None, false).await;
+    assert_eq!(r.response_code, ResponseCode::NoError);
+    assert!(
+        up.queries("v4.example") > n1,
+        "a NODATA without SOA must not be cached"
+    );
+}
+
+#[tokio::test]
+async fn forward_dot_is_the_default_zone() {
+    let a = FakeUpstream::start().await;
+    let d = FakeUpstream::start().await;
+    a.set_a("x.cluster.local", IP1, 30);
+    d.set_a("example.org", IP2, 30);
+    let args = vec![
+        "--forward".to_string(),
+        format!("cluster.local={}", a.addr_str()),
+        "--forward".to_string(),
+        format!(".={}", d.addr_str()),
+    ];
+    let node = Nodedns::start(&args).await;
+    let r = query_udp(node.addr, "x.cluster.local", RecordType::A, None, false).await;
+    assert_eq!(a_addrs(&r), vec![IP1]);
+    let r = query_udp(node.addr, "example.org", RecordType::A, None, false).await;
+    assert_eq!(
+        a_addrs(&r),
+        vec![IP2],
+        "`--forward .=ADDR` serves the default zone"
+    );
+    assert_eq!(d.queries("example.org"), 1);
+    assert_eq!(a.queries("example.org"), 0);
+}

@@ -209,6 +209,11 @@ impl FakeUpstream {
         self.lock().soa = Some(SoaConfig { ttl, minimum });
     }
 
+    /// Negative answers carry no SOA from now on.
+    pub fn clear_soa(&self) {
+        self.lock().soa = None;
+    }
+
     pub fn set_behavior(&self, name: &str, behavior: Behavior) {
         self.lock().behaviors.insert(norm(name), behavior);
     }

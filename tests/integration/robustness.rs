@@ -293,6 +293,11 @@ async fn qr1_packets_not_answered() {
         got.is_none(),
         "a QR=1 packet must not be answered: {got:02x?}"
     );
+    let got = tcp_exchange_raw(node.addr, &bytes, SILENCE).await;
+    assert!(
+        got.is_none(),
+        "a QR=1 message over TCP must not be answered: {got:02x?}"
+    );
     assert_eq!(
         up.queries("ok.example"),
         0,
