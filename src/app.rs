@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::handler::{Answered, Handler, Proto, Source};
 use crate::logging::RateLimitedLog;
 use crate::metrics::{self, CacheKind, CacheSnapshot, Metrics, UpstreamFailure};
+use crate::node::Node;
 use crate::server::{Ctx, Listeners, Recorder};
 use crate::upstream::{AttemptError, AttemptResult, Observer, Transport, Upstreams};
 use crate::wire::{self, rcode};
@@ -157,10 +158,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .unwrap_or_default()
     });
 
-    let listeners = Listeners::start(ctx.clone(), &config.server)?;
+    // The link and its addresses first: the listeners bind to them.
+    let mut node = Node::setup_interface(
+        &config.node,
+        &config.listen,
+        config.health_listen,
+        metrics.clone(),
+    )
+    .await?;
+    let listeners = match Listeners::start(ctx.clone(), &config.server) {
+        Ok(l) => l,
+        Err(e) => {
+            // Leave the node as we found it.
+            node.teardown().await;
+            return Err(e.into());
+        }
+    };
     tracing::info!(listen = ?listeners.bound, "serving DNS");
     admin_state.set_listeners_bound(true);
-    admin_state.set_setup_done(true);
+    // Rules only now that the listeners are bound.
+    if node.setup_firewall().await {
+        admin_state.set_setup_done(true);
+    }
+    let node = Arc::new(tokio::sync::Mutex::new(node));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut admin_tasks = Vec::new();
@@ -200,10 +220,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     });
 
+    // Reconcile: put back whatever someone removed.
+    let sync_node = node.clone();
+    let sync_state = admin_state.clone();
+    let interval = config.node.sync_interval;
+    let reconciler = tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if sync_node.lock().await.reconcile().await {
+                sync_state.set_setup_done(true);
+            }
+        }
+    });
+
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     prober.abort();
+    reconciler.abort();
+    // Rules, then addresses and link, then the sockets (they still answer what arrives meanwhile).
+    node.lock().await.teardown().await;
     listeners.shutdown().await;
     for t in admin_tasks {
         let _ = t.await;

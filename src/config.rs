@@ -14,6 +14,8 @@ pub use crate::logging::LogFormat;
 use thiserror::Error;
 
 use crate::cache::Limits;
+use crate::firewall::Backend;
+use crate::netif::LinkKind;
 use crate::upstream::{self, ZoneSpec};
 use crate::wire::TtlPolicy;
 
@@ -205,8 +207,9 @@ pub struct Config {
 pub struct NodeOptions {
     pub setup_interface: bool,
     pub interface: String,
-    pub link_kind: String,
-    pub firewall: String,
+    pub link_kind: LinkKind,
+    /// `None`: auto (iptables when nodedns put the listen IPs on its link, none otherwise).
+    pub firewall: Option<Backend>,
     pub sync_interval: Duration,
     pub skip_teardown: bool,
 }
@@ -389,6 +392,28 @@ impl Cli {
         } else {
             self.workers
         };
+        let link_kind: LinkKind =
+            self.link_kind
+                .parse()
+                .map_err(|e: crate::netif::NetifError| {
+                    ConfigError::Invalid(format!("--link-kind: {e}"))
+                })?;
+        let firewall = match self.firewall.as_str() {
+            "auto" => None,
+            b => Some(
+                b.parse::<Backend>()
+                    .map_err(|e| ConfigError::Invalid(format!("--firewall: {e}")))?,
+            ),
+        };
+        if self.interface.is_empty() || self.interface.len() > 15 {
+            return bad(format!(
+                "--interface {:?} must be 1 to 15 characters (the kernel's limit)",
+                self.interface
+            ));
+        }
+        if self.sync_interval.is_zero() {
+            return bad("--sync-interval must be above zero".into());
+        }
         let health_listen = match self.health_listen {
             Some(OptionalAddr(a)) => a,
             None => Some(SocketAddr::new(self.listen[0].ip(), 8080)),
@@ -400,8 +425,8 @@ impl Cli {
             node: NodeOptions {
                 setup_interface: self.setup_interface,
                 interface: self.interface.clone(),
-                link_kind: self.link_kind.clone(),
-                firewall: self.firewall.clone(),
+                link_kind,
+                firewall,
                 sync_interval: self.sync_interval,
                 skip_teardown: self.skip_teardown,
             },

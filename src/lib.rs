@@ -12,6 +12,7 @@ pub mod handler;
 pub mod logging;
 pub mod metrics;
 pub mod netif;
+pub mod node;
 pub mod server;
 pub mod upstream;
 pub mod wire;

@@ -28,7 +28,7 @@ use futures_util::stream::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
-use rtnetlink::packet_route::link::{LinkFlags, LinkMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
 use rtnetlink::{Handle, LinkBridge, LinkDummy, LinkUnspec, MulticastGroup, RouteMessageBuilder};
 
@@ -162,6 +162,9 @@ pub struct Outcome {
     /// Addresses that are local already without the link (loopback range, or on another link
     /// such as `kube-ipvs0`); they were not added.
     pub local_elsewhere: Vec<IpAddr>,
+    /// The link existed already and carries nodedns's alias: an earlier nodedns (crashed, or the
+    /// previous version during an upgrade) created it, so it counts as nodedns's to remove.
+    pub adopted: bool,
     /// Filled only by [`Netif::ensure`] (which knows the history): what had been set up by
     /// nodedns before and had to be put back. The stateless [`ensure`] leaves it empty.
     pub repaired: Vec<Repair>,
@@ -203,6 +206,10 @@ impl Owned {
                 repairs.push(Repair::LinkRecreated(self.link.clone()));
             }
             self.link_created = true;
+        }
+        if outcome.adopted && !self.link_created {
+            self.link_created = true;
+            self.addrs.extend(outcome.present.iter().copied());
         }
         if outcome.link_set_up && (self.link_created || !self.addrs.is_empty()) {
             repairs.push(Repair::LinkSetUp(self.link.clone()));
@@ -378,6 +385,7 @@ async fn create_link(handle: &Handle, cfg: &NetifConfig) -> Result<(), NetifErro
         LinkKind::Dummy => LinkDummy::new(&cfg.name).up().build(),
         LinkKind::Bridge => LinkBridge::new(&cfg.name).up().build(),
     };
+
     handle
         .link()
         .add(msg)
@@ -402,6 +410,16 @@ async fn add_addr(handle: &Handle, index: u32, ip: IpAddr, link: &str) -> Result
     req.execute()
         .await
         .map_err(|e| map_err(format!("add address {ip} to {link}"), e))
+}
+
+/// The alias (`ip link` shows it as `alias nodedns`) set on links nodedns creates.
+pub const LINK_ALIAS: &str = "nodedns";
+
+/// Whether a link carries nodedns's alias, i.e. a nodedns created it.
+fn created_by_nodedns(link: &LinkMessage) -> bool {
+    link.attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::IfAlias(s) if s == LINK_ALIAS))
 }
 
 /// Makes the link exist, carry every configured address that is not local elsewhere, and be up.
@@ -439,6 +457,7 @@ pub async fn ensure(cfg: &NetifConfig) -> Result<Outcome, NetifError> {
     let mut link = find_link(handle, &cfg.name).await?;
     let local = dump_addrs(handle).await?;
     let link_index = link.as_ref().map(|l| l.header.index);
+    outcome.adopted = link.as_ref().is_some_and(created_by_nodedns);
 
     let mut to_add = Vec::new();
     for ip in candidates {
@@ -459,6 +478,20 @@ pub async fn ensure(cfg: &NetifConfig) -> Result<Outcome, NetifError> {
         create_link(handle, cfg).await?;
         outcome.link_created = true;
         link = find_link(handle, &cfg.name).await?;
+        if let Some(l) = &link {
+            // Mark the link as nodedns's, so a later nodedns (after a crash, or the next version
+            // during an upgrade) knows it may remove it. The kernel takes the alias on a change,
+            // not at creation.
+            let mut msg = LinkUnspec::new_with_index(l.header.index).build();
+            msg.attributes
+                .push(LinkAttribute::IfAlias(LINK_ALIAS.to_string()));
+            handle
+                .link()
+                .set(msg)
+                .execute()
+                .await
+                .map_err(|e| map_err(format!("set the alias of link {}", cfg.name), e))?;
+        }
     }
     let Some(link) = link else {
         // Created a moment ago but gone again: someone deleted it concurrently.

@@ -378,11 +378,14 @@ async fn udp_exchange(
         .map_err(|e| io_to_attempt(&e))?;
     sock.connect(server).await.map_err(|e| io_to_attempt(&e))?;
     sock.send(query).await.map_err(|e| io_to_attempt(&e))?;
-    let mut buf = vec![0u8; 65535];
+    // Room for the largest datagram, filled by the kernel without zeroing it first.
+    let mut buf = Vec::with_capacity(65535);
     loop {
-        let n = sock.recv(&mut buf).await.map_err(|e| io_to_attempt(&e))?;
-        if matches(&buf[..n], id, question) {
-            buf.truncate(n);
+        buf.clear();
+        sock.recv_buf(&mut buf)
+            .await
+            .map_err(|e| io_to_attempt(&e))?;
+        if matches(&buf, id, question) {
             return Ok(buf);
         }
         tracing::debug!(%server, "ignoring a UDP reply that does not match the query");

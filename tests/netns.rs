@@ -325,6 +325,37 @@ fn teardown_of_preexisting_link_removes_only_our_addresses() {
 }
 
 #[test]
+fn a_link_left_by_a_crashed_nodedns_is_adopted_and_removed_at_teardown() {
+    require_env!();
+    let ns = Netns::new();
+    // First instance creates the link and "crashes" (its state is dropped without teardown).
+    let mut first = Netif::new(cfg(LinkKind::Bridge, &[V4]));
+    ns.block_on(|| async { first.ensure().await.expect("ensure") });
+    drop(first);
+    assert!(
+        ns.ok(&["ip", "link", "show", LINK])
+            .contains("alias nodedns")
+    );
+    // The next instance finds it, knows it is nodedns's, and removes it at exit.
+    let mut second = Netif::new(cfg(LinkKind::Bridge, &[V4]));
+    let out = ns.block_on(|| async { second.ensure().await.expect("ensure") });
+    assert!(out.adopted && !out.link_created && out.added.is_empty());
+    assert!(second.owned().link_created);
+    ns.block_on(|| async { second.teardown().await.expect("teardown") });
+    assert!(
+        !link_exists(&ns, LINK),
+        "the adopted link survived teardown"
+    );
+    // A same-named link without the alias is someone else's: never adopted.
+    ns.ok(&["ip", "link", "add", LINK, "type", "bridge"]);
+    let mut third = Netif::new(cfg(LinkKind::Bridge, &[V4]));
+    let out = ns.block_on(|| async { third.ensure().await.expect("ensure") });
+    assert!(!out.adopted);
+    ns.block_on(|| async { third.teardown().await.expect("teardown") });
+    assert!(link_exists(&ns, LINK));
+}
+
+#[test]
 fn addresses_local_elsewhere_are_not_added_and_need_no_link() {
     require_env!();
     let ns = Netns::new();
