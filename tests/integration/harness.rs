@@ -100,7 +100,22 @@ pub fn safety_args() -> Vec<&'static str> {
     if help_mentions("--health-listen") {
         v.extend(["--health-listen", "off"]);
     }
+    // Without --upstream nodedns reads resolv.conf: make that a loopback-only one, so no test can
+    // ever send a query off this machine.
+    if help_mentions("--resolv-conf") {
+        v.extend(["--resolv-conf", loopback_resolv_conf()]);
+    }
     v
+}
+
+/// A resolv.conf naming only 127.0.0.1, written once per test run.
+fn loopback_resolv_conf() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let p = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("loopback-resolv.conf");
+        std::fs::write(&p, "nameserver 127.0.0.1\n").expect("write loopback resolv.conf");
+        p.to_string_lossy().into_owned()
+    })
 }
 
 /// Finds a loopback port that is free for both UDP and TCP (bound, then released).
