@@ -107,6 +107,25 @@ impl FakeUpstream {
         panic!("could not bind UDP and TCP on one port: {last_err:?}");
     }
 
+    /// Starts a fake upstream on `addr` (UDP and TCP). With port 0, a port free for both is
+    /// chosen. The sockets belong to the calling thread's network namespace, so a thread that has
+    /// `setns`-ed into a test namespace serves there.
+    pub async fn start_on(addr: SocketAddr) -> FakeUpstream {
+        let mut last_err = None;
+        for _ in 0..50 {
+            let tcp = TcpListener::bind(addr)
+                .await
+                .unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+            let bound = tcp.local_addr().expect("tcp local addr");
+            match UdpSocket::bind(bound).await {
+                Ok(udp) => return Self::run(tcp, udp, bound),
+                Err(e) if addr.port() == 0 => last_err = Some(e),
+                Err(e) => panic!("bind udp {addr}: {e}"),
+            }
+        }
+        panic!("could not bind UDP and TCP on one port of {addr}: {last_err:?}");
+    }
+
     fn run(tcp: TcpListener, udp: UdpSocket, addr: SocketAddr) -> FakeUpstream {
         let state = Arc::new(Mutex::new(State {
             soa: Some(SoaConfig {

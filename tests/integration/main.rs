@@ -9,4 +9,5 @@ mod edge_e2e;
 mod fake_selftest;
 mod fake_upstream;
 mod harness;
+mod netns_e2e;
 mod robustness;
