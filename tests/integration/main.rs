@@ -3,6 +3,7 @@
 //! One test binary; modules share the harness (`harness`) and the fake upstream (`fake_upstream`).
 
 mod cli;
+mod cluster;
 mod core_e2e;
 mod dig;
 mod edge_e2e;
