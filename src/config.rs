@@ -22,7 +22,13 @@ use crate::wire::TtlPolicy;
 /// A node-local DNS cache for Kubernetes: answers pods from a TTL-aware cache and forwards misses,
 /// the cluster zones to the cluster DNS and the rest to the node's resolvers.
 #[derive(Debug, Parser)]
-#[command(name = "nodedns", version, about, max_term_width = 100)]
+#[command(
+    name = "nodedns",
+    version,
+    about,
+    max_term_width = 100,
+    args_override_self = true
+)]
 pub struct Cli {
     /// Address to serve DNS on, over UDP and TCP (repeatable; IPv4 or IPv6, e.g. [::1]:53).
     #[arg(long, value_name = "ADDR:PORT", default_value = "169.254.20.10:53", value_parser = parse_listen)]

@@ -191,22 +191,26 @@ impl Upstreams {
     pub async fn probe(&self, timeout: Duration) -> bool {
         // Header: RD, one question; question: root, NS, IN.
         let question: &[u8] = &[0, 0, 2, 0, 1];
-        let probes = self.servers.iter().enumerate().map(|(i, &addr)| async move {
-            let id: u16 = rand::random();
-            let mut q = Vec::with_capacity(17);
-            q.extend_from_slice(&id.to_be_bytes());
-            q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-            q.extend_from_slice(question);
-            // The same transport as real queries: with --force-tcp, UDP may be what is blocked.
-            let exchange = async {
-                if self.opts.force_tcp {
-                    self.pools[i].exchange(&q, question).await
-                } else {
-                    udp_exchange(addr, &q, id, question).await
-                }
-            };
-            matches!(tokio::time::timeout(timeout, exchange).await, Ok(Ok(_)))
-        });
+        let probes = self
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(i, &addr)| async move {
+                let id: u16 = rand::random();
+                let mut q = Vec::with_capacity(17);
+                q.extend_from_slice(&id.to_be_bytes());
+                q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+                q.extend_from_slice(question);
+                // The same transport as real queries: with --force-tcp, UDP may be what is blocked.
+                let exchange = async {
+                    if self.opts.force_tcp {
+                        self.pools[i].exchange(&q, question).await
+                    } else {
+                        udp_exchange(addr, &q, id, question).await
+                    }
+                };
+                matches!(tokio::time::timeout(timeout, exchange).await, Ok(Ok(_)))
+            });
         futures_util::future::join_all(probes)
             .await
             .into_iter()

@@ -156,3 +156,23 @@ fn resolv_conf_gives_the_default_zone_without_ourselves() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_later_flag_overrides_an_earlier_one_and_lists_accumulate() {
+    let c = cli(&[
+        "--metrics-listen",
+        "off",
+        "--metrics-listen",
+        "127.0.0.1:9999",
+        "--listen",
+        "127.0.0.1:1",
+        "--listen",
+        "[::1]:1",
+    ])
+    .unwrap();
+    assert_eq!(
+        c.metrics_listen,
+        OptionalAddr(Some("127.0.0.1:9999".parse().unwrap()))
+    );
+    assert_eq!(c.listen.len(), 2);
+}

@@ -976,3 +976,24 @@ async fn forward_dot_is_the_default_zone() {
     assert_eq!(d.queries("example.org"), 1);
     assert_eq!(a.queries("example.org"), 0);
 }
+
+#[tokio::test]
+async fn serves_ipv6_and_ipv4_in_one_process() {
+    let Ok(probe) = std::net::UdpSocket::bind("[::1]:0") else {
+        println!("SKIP: no IPv6 loopback here");
+        return;
+    };
+    let port = probe.local_addr().expect("local addr").port();
+    drop(probe);
+    let up = FakeUpstream::start().await;
+    up.set_a("dual.example", IP1, 30);
+    let v6: std::net::SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let node = Nodedns::with_upstream(&up, &["--listen", &v6.to_string()]).await;
+    for addr in [v6, node.addr] {
+        let r = query_udp(addr, "dual.example", RecordType::A, Some(1232), false).await;
+        assert_eq!(a_addrs(&r), vec![IP1], "UDP on {addr}");
+        let r = query_tcp(addr, "dual.example", RecordType::A, None, false).await;
+        assert_eq!(a_addrs(&r), vec![IP1], "TCP on {addr}");
+    }
+    assert_eq!(up.queries("dual.example"), 1);
+}

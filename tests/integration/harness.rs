@@ -305,7 +305,8 @@ pub async fn udp_exchange_raw(
     packet: &[u8],
     timeout: Duration,
 ) -> Option<Vec<u8>> {
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    let local = if addr.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" };
+    let sock = tokio::net::UdpSocket::bind(local).await.ok()?;
     sock.send_to(packet, addr).await.ok()?;
     let mut buf = vec![0u8; 65535];
     match tokio::time::timeout(timeout, sock.recv_from(&mut buf)).await {

@@ -10,5 +10,6 @@ mod edge_e2e;
 mod fake_selftest;
 mod fake_upstream;
 mod harness;
+mod metrics_e2e;
 mod netns_e2e;
 mod robustness;
