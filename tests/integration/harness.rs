@@ -305,7 +305,11 @@ pub async fn udp_exchange_raw(
     packet: &[u8],
     timeout: Duration,
 ) -> Option<Vec<u8>> {
-    let local = if addr.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" };
+    let local = if addr.is_ipv6() {
+        "[::1]:0"
+    } else {
+        "127.0.0.1:0"
+    };
     let sock = tokio::net::UdpSocket::bind(local).await.ok()?;
     sock.send_to(packet, addr).await.ok()?;
     let mut buf = vec![0u8; 65535];
