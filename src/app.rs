@@ -189,8 +189,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         (m, h) => m.into_iter().chain(h).collect(),
     };
     for addr in admin_addrs {
-        let l = admin::bind(addr)
-            .map_err(|e| anyhow::anyhow!("cannot bind the HTTP endpoint {addr}: {e}"))?;
+        let l = match admin::bind(addr) {
+            Ok(l) => l,
+            Err(e) => {
+                // Leave the node as we found it: no rules or addresses without a running nodedns.
+                let _ = stop_tx.send(true);
+                node.lock().await.teardown().await;
+                listeners.shutdown().await;
+                return Err(anyhow::anyhow!("cannot bind the HTTP endpoint {addr}: {e}"));
+            }
+        };
         tracing::info!(%addr, "serving /metrics, /health and /ready");
         admin_tasks.push(tokio::spawn(admin::serve(
             l,
@@ -224,11 +232,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let sync_node = node.clone();
     let sync_state = admin_state.clone();
     let interval = config.node.sync_interval;
+    let mut sync_stop = stop_rx.clone();
     let reconciler = tokio::spawn(async move {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = sync_stop.changed() => return,
+            }
             if sync_node.lock().await.reconcile().await {
                 sync_state.set_setup_done(true);
             }
@@ -239,7 +251,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     prober.abort();
-    reconciler.abort();
+    // Let a reconcile pass in progress finish (it may be adding rules in a blocking task that an
+    // abort would not stop), so teardown is the last word.
+    let _ = reconciler.await;
     // Rules, then addresses and link, then the sockets (they still answer what arrives meanwhile).
     node.lock().await.teardown().await;
     listeners.shutdown().await;

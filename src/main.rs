@@ -48,7 +48,8 @@ fn main() -> ExitCode {
     match rt.block_on(nodedns::app::run(config, wait_for_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("nodedns: {e:#}");
+            // Our errors carry their cause in their message already.
+            eprintln!("nodedns: {e}");
             ExitCode::FAILURE
         }
     }

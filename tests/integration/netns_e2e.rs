@@ -729,7 +729,6 @@ fn dummy_link_kind_works_or_names_link_kind_bridge() {
 /// The dummy error line says its message once (`{:#}` of an error whose Display already
 /// includes its source repeats it).
 #[test]
-#[ignore = "nodedns bug: src/node.rs NodeError::Netif prints its source in Display and main prints {:#}, so the message appears twice"]
 fn dummy_error_line_is_not_repeated() {
     require_netns!("dummy_error_line_is_not_repeated");
     let (ns, up) = ns_with_upstream("dummy2");
@@ -1251,7 +1250,6 @@ fn bind_failure_leaves_nothing_behind() {
 /// An HTTP endpoint that cannot bind makes nodedns exit non-zero; the link, address and rules it
 /// already set up must not stay behind (they would capture the node's DNS with no one serving).
 #[test]
-#[ignore = "nodedns bug: src/app.rs returns on an admin bind error after node setup without node.teardown()"]
 fn admin_bind_failure_leaves_nothing_behind() {
     require_netns!("admin_bind_failure_leaves_nothing_behind");
     let (ns, up) = ns_with_upstream("admfail");
@@ -1337,7 +1335,6 @@ fn sigterm_during_reconcile(test: &str, backend: &str, cycles: usize) {
 }
 
 #[test]
-#[ignore = "nodedns bug: src/app.rs aborts the reconciler, but its spawn_blocking firewall check runs on and re-adds the rules teardown removed"]
 fn sigterm_during_reconcile_iptables() {
     let test = "sigterm_during_reconcile_iptables";
     require_netns!(test);
@@ -1348,7 +1345,6 @@ fn sigterm_during_reconcile_iptables() {
 }
 
 #[test]
-#[ignore = "nodedns bug: src/app.rs aborts the reconciler, but its spawn_blocking firewall check runs on and re-adds the rules teardown removed"]
 fn sigterm_during_reconcile_nftables() {
     let test = "sigterm_during_reconcile_nftables";
     require_netns!(test);
