@@ -14,8 +14,8 @@
 //! for speed: the cache's slots hold a `u64` and a small `Response`, so a lookup compares integers
 //! in the slot and then reads the one block it needs, instead of first chasing a separately allocated
 //! key name (one more cache and TLB miss per lookup once the cache outgrows the CPU caches; with the
-//! one-block `Response`, a hit with 100k entries went from 307 ns to 233 ns, see bench/README.md). Two different keys with the same hash (odds about
-//! 2^-64 per pair) share a slot: a lookup of one finds the other's entry, sees the key differ and
+//! one-block `Response`, a hit with 100k entries went from 307 ns to 233 ns, see bench/README.md).
+//! Two different keys with the same hash (odds about 2^-64 per pair) share a slot: a lookup of one finds the other's entry, sees the key differ and
 //! misses, and storing one replaces the other. That costs an upstream query, never a wrong answer.
 
 use std::hash::{Hash, Hasher};
