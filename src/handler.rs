@@ -136,15 +136,9 @@ impl Handler {
         sent_id: u16,
         now: Instant,
     ) -> Result<Arc<Response>, wire::ResponseError> {
-        let resp = Arc::new(Response::from_upstream(
-            reply,
-            sent_id,
-            view,
-            &self.policy,
-            now,
-        )?);
+        let resp = Response::from_upstream(reply, sent_id, view, &self.policy, now)?;
         self.cache.insert(&view.key, resp.clone(), now);
-        Ok(resp)
+        Ok(Arc::new(resp))
     }
 
     /// Renders a reply to `view` from an upstream response (possibly one fetched for another client

@@ -6,12 +6,12 @@ use crate::wire::{QueryView, TtlPolicy, build_upstream_query, scan_query};
 use hickory_proto::rr::RecordType;
 use std::time::Duration;
 
-fn stored(q: &[u8], reply: impl Fn(&[u8]) -> Vec<u8>, now: Instant) -> (KeyBuf, Arc<Response>) {
+fn stored(q: &[u8], reply: impl Fn(&[u8]) -> Vec<u8>, now: Instant) -> (KeyBuf, Response) {
     let v: QueryView<'_> = scan_query(q).unwrap();
     let mut up = Vec::new();
     build_upstream_query(&v, 1, &mut up);
     let r = Response::from_upstream(&reply(&up), 1, &v, &TtlPolicy::default(), now).unwrap();
-    (v.key, Arc::new(r))
+    (v.key, r)
 }
 
 #[test]

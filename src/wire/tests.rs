@@ -232,7 +232,7 @@ fn too_big_for_udp_sets_tc_with_question_only() {
     let ttls = vec![60; 40];
     let resp =
         Response::from_upstream(&a_reply(&build_q(&v, 5), &ttls), 5, &v, &policy(), t).unwrap();
-    assert!(resp.bytes.len() > 512);
+    assert!(resp.bytes().len() > 512);
     let mut out = Vec::new();
     render(&resp, &v, t, v.udp_limit(), &mut out);
     let m = Message::from_vec(&out).unwrap();

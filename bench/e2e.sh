@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: nodedns and unbound side by side, in one run, on loopback only.
+#
+# Both servers forward to one nsd (an authoritative server for a synthetic cluster.local zone with
+# 100,000 names h0..h99999, TTL 1 day, made in a temp dir) and are pinned to the same CPU
+# ($SERVER_CPU) with taskset; the load generators and nsd run on the other ($LOAD_CPU).
+#
+# Workloads (each bounded in time; caches warmed first):
+#   hot      the hot set (1,000 names) at saturation, closed loop, with bench's own loadgen
+#            (examples/loadgen.rs: sendmmsg/recvmmsg; dnsperf tops out below what these servers do)
+#   fixed    the hot set at a fixed 20,000 qps with dnsperf -Q 20000
+#   mixed    90% hot set, 10% never-repeated names (rnd-<run>-<n>.cluster.local: NXDOMAIN), loadgen
+#   fill     100,000 distinct names once, then again from cache, to read the peak RSS (VmHWM)
+# Also: start to first answer (process start to the first reply, via upstream), idle RSS.
+#
+# Reported: qps, the server's CPU share (utime+stime from /proc/PID/stat over the run), queries per
+# server-core (qps / CPU share), average latency, peak RSS; and the ratio nodedns/unbound.
+#
+# Settings made comparable: both cap cached TTLs at 30 s (nodedns's default --max-ttl; unbound
+# cache-max-ttl: 30) and negative TTLs at 5 s; one thread / one UDP worker; no DNSSEC validation
+# (unbound module-config "iterator"); ample cache sizes for 100k names on both.
+#
+# Usage (as root): bench/e2e.sh            DURATION=10 SERVER_CPU=0 LOAD_CPU=1 WINDOW=128
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+SERVER_CPU=${SERVER_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+WINDOW=${WINDOW:-128}
+HOT=1000
+FILL=100000
+NSD_PORT=${NSD_PORT:-25353}
+NODEDNS_PORT=${NODEDNS_PORT:-25354}
+UNBOUND_PORT=${UNBOUND_PORT:-25355}
+LOOP=127.0.0.1
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "e2e.sh: run as root (nsd and unbound are started with config files in a temp dir)" >&2
+    exit 1
+fi
+missing=()
+for c in unbound nsd dnsperf; do command -v "$c" >/dev/null || missing+=("$c"); done
+if ((${#missing[@]})); then
+    echo "e2e.sh: installing unbound nsd dnsperf" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq unbound nsd dnsperf >/dev/null
+fi
+
+cargo build --release --quiet
+cargo build --release --quiet --example loadgen
+NODEDNS=$PWD/target/release/nodedns
+LOADGEN=$PWD/target/release/examples/loadgen
+CLK_TCK=$(getconf CLK_TCK)
+
+TMP=$(mktemp -d /tmp/nodedns-e2e.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# --- the zone and nsd ------------------------------------------------------------------------------
+{
+    echo '$ORIGIN cluster.local.'
+    echo '$TTL 86400'
+    echo '@ IN SOA ns.cluster.local. hostmaster.cluster.local. 1 7200 1800 86400 3600'
+    echo '@ IN NS ns.cluster.local.'
+    echo 'ns IN A 127.0.0.1'
+    awk -v n="$FILL" 'BEGIN { for (i = 0; i < n; i++) printf "h%d IN A 10.%d.%d.%d\n", i, int(i / 65536) % 256, int(i / 256) % 256, i % 256 }'
+} >"$TMP/cluster.local.zone"
+cat >"$TMP/nsd.conf" <<EOF
+server:
+    ip-address: $LOOP
+    port: $NSD_PORT
+    server-count: 1
+    username: ""
+    chroot: ""
+    zonesdir: "$TMP"
+    database: ""
+    zonelistfile: "$TMP/zone.list"
+    xfrdfile: "$TMP/xfrd.state"
+    xfrdir: "$TMP"
+    pidfile: "$TMP/nsd.pid"
+    logfile: "$TMP/nsd.log"
+    verbosity: 0
+    # Debian's nsd limits responses per source (RRL, 200/s): every query here comes from 127.0.0.1.
+    rrl-ratelimit: 0
+    rrl-whitelist-ratelimit: 0
+remote-control:
+    control-enable: no
+zone:
+    name: cluster.local
+    zonefile: cluster.local.zone
+EOF
+taskset -c "$LOAD_CPU" nsd -d -c "$TMP/nsd.conf" &
+PIDS+=($!)
+"$LOADGEN" --server "$LOOP:$NSD_PORT" --first-answer --duration 20 >/dev/null
+
+# --- the servers -----------------------------------------------------------------------------------
+cat >"$TMP/unbound.conf" <<EOF
+server:
+    interface: $LOOP
+    port: $UNBOUND_PORT
+    num-threads: 1
+    do-daemonize: no
+    username: ""
+    chroot: ""
+    directory: "$TMP"
+    pidfile: "$TMP/unbound.pid"
+    use-syslog: no
+    logfile: ""
+    verbosity: 0
+    do-ip6: no
+    do-not-query-localhost: no
+    access-control: 127.0.0.0/8 allow
+    module-config: "iterator"
+    cache-max-ttl: 30
+    cache-max-negative-ttl: 5
+    msg-cache-size: 64m
+    rrset-cache-size: 128m
+    num-queries-per-thread: 4096
+    so-rcvbuf: 4m
+    so-sndbuf: 4m
+remote-control:
+    control-enable: no
+forward-zone:
+    name: "."
+    forward-addr: $LOOP@$NSD_PORT
+EOF
+unbound-checkconf "$TMP/unbound.conf" >/dev/null
+
+now_ns() { date +%s%N; }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+field() { sed -n "s/.*\b$1=\([0-9.]*\).*/\1/p" <<<"$2"; }
+
+# start NAME: starts the server pinned to SERVER_CPU, sets PID and START_MS (start to first answer).
+start() {
+    local t0
+    t0=$(now_ns)
+    case $1 in
+    nodedns)
+        taskset -c "$SERVER_CPU" "$NODEDNS" --listen "$LOOP:$NODEDNS_PORT" --upstream "$LOOP:$NSD_PORT" \
+            --setup-interface=false --firewall none --metrics-listen off --health-listen off \
+            --workers 1 --cache-size 120000 --cache-bytes 64M --log-level warn \
+            2>"$TMP/nodedns.log" &
+        PORT=$NODEDNS_PORT
+        ;;
+    unbound)
+        taskset -c "$SERVER_CPU" unbound -d -c "$TMP/unbound.conf" 2>"$TMP/unbound.log" &
+        PORT=$UNBOUND_PORT
+        ;;
+    esac
+    PID=$!
+    PIDS+=("$PID")
+    local first
+    first=$(taskset -c "$LOAD_CPU" "$LOADGEN" --server "$LOOP:$PORT" --first-answer --duration 10)
+    START_MS=$(awk -v a="${first#FIRST_ANSWER_NS=}" -v b="$t0" 'BEGIN { printf "%.1f", (a - b) / 1e6 }')
+}
+
+# measure NAME CMD...: runs a load command on LOAD_CPU, sets OUT and CPU (server cores used).
+measure() {
+    local c0 c1 t0 t1
+    shift
+    c0=$(cpu_ticks "$PID")
+    t0=$(now_ns)
+    OUT=$(taskset -c "$LOAD_CPU" "$@" 2>&1)
+    t1=$(now_ns)
+    c1=$(cpu_ticks "$PID")
+    CPU=$(awk -v c="$((c1 - c0))" -v hz="$CLK_TCK" -v ns="$((t1 - t0))" 'BEGIN { printf "%.3f", c / hz / (ns / 1e9) }')
+}
+
+loadgen() { "$LOADGEN" --server "$LOOP:$PORT" "$@"; }
+
+declare -A R
+run_server() {
+    local s=$1
+    start "$s"
+    R[$s.start_ms]=$START_MS
+    sleep 1
+    R[$s.idle_rss]=$(status_kb "$PID" VmRSS)
+
+    # hot set, saturated
+    loadgen --hot $HOT --sequential --duration 5 --window 16 >/dev/null 2>&1
+    measure "$s" "$LOADGEN" --server "$LOOP:$PORT" --hot $HOT --window "$WINDOW" --duration "$DURATION"
+    R[$s.hot_qps]=$(field qps "$OUT")
+    R[$s.hot_cpu]=$CPU
+    R[$s.hot_lat]=$(field avg_us "$OUT")
+    R[$s.hot_lost]=$(field lost "$OUT")
+    echo "$s hot: $OUT cpu=$CPU" >&2
+
+    # hot set at a fixed 20k qps (dnsperf); caches re-warmed (30 s TTL cap)
+    awk -v n=$HOT 'BEGIN { for (i = 0; i < n; i++) printf "h%d.cluster.local A\n", i }' >"$TMP/hot.txt"
+    loadgen --hot $HOT --sequential --duration 5 --window 16 >/dev/null 2>&1
+    measure "$s" dnsperf -s $LOOP -p "$PORT" -d "$TMP/hot.txt" -l "$DURATION" -Q 20000
+    R[$s.fixed_qps]=$(awk '/Queries per second:/ { print $4 }' <<<"$OUT")
+    R[$s.fixed_cpu]=$CPU
+    R[$s.fixed_lat]=$(awk '/Average Latency \(s\):/ { printf "%.1f", $4 * 1e6 }' <<<"$OUT")
+    R[$s.fixed_lost]=$(awk '/Queries lost:/ { print $3 }' <<<"$OUT")
+    echo "$s fixed: qps=${R[$s.fixed_qps]} avg_us=${R[$s.fixed_lat]} lost=${R[$s.fixed_lost]} cpu=$CPU" >&2
+
+    # mixed: 90% hot, 10% never-repeated names
+    loadgen --hot $HOT --sequential --duration 5 --window 16 >/dev/null 2>&1
+    measure "$s" "$LOADGEN" --server "$LOOP:$PORT" --hot $HOT --random-pct 10 --window "$WINDOW" --duration "$DURATION"
+    R[$s.mixed_qps]=$(field qps "$OUT")
+    R[$s.mixed_cpu]=$CPU
+    R[$s.mixed_lat]=$(field avg_us "$OUT")
+    R[$s.mixed_lost]=$(field lost "$OUT")
+    echo "$s mixed: $OUT cpu=$CPU" >&2
+
+    # 100k distinct names cached, then served once more from cache: peak RSS
+    loadgen --hot $FILL --sequential --duration 30 --window 64 >/dev/null 2>&1
+    OUT=$(loadgen --hot $FILL --sequential --duration 30 --window "$WINDOW" 2>&1)
+    R[$s.fill_lost]=$(field lost "$OUT")
+    R[$s.rss_100k]=$(status_kb "$PID" VmRSS)
+    R[$s.peak_rss]=$(status_kb "$PID" VmHWM)
+    echo "$s 100k: $OUT" >&2
+
+    kill "$PID"
+    wait "$PID" 2>/dev/null || true
+}
+
+run_server nodedns
+run_server unbound
+
+# --- the table -------------------------------------------------------------------------------------
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
+per_core() { awk -v q="$1" -v c="$2" 'BEGIN { if (c + 0 == 0) print "-"; else printf "%.0f", q / c }'; }
+mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+row() { printf '| %-44s | %12s | %12s | %6s |\n' "$1" "$2" "$3" "$(ratio "$2" "$3")"; }
+for s in nodedns unbound; do
+    R[$s.hot_pc]=$(per_core "${R[$s.hot_qps]}" "${R[$s.hot_cpu]}")
+    R[$s.fixed_pc]=$(per_core "${R[$s.fixed_qps]}" "${R[$s.fixed_cpu]}")
+    R[$s.mixed_pc]=$(per_core "${R[$s.mixed_qps]}" "${R[$s.mixed_cpu]}")
+done
+echo
+echo "nodedns vs unbound $(unbound -V | awk 'NR == 1 { print $2 }'), ${DURATION}s per workload, servers on CPU $SERVER_CPU, load and nsd on CPU $LOAD_CPU, loadgen window $WINDOW"
+echo
+printf '| %-44s | %12s | %12s | %6s |\n' "metric" "nodedns" "unbound" "ratio"
+printf '|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..46})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})" "--------"
+row "hot set saturated: qps" "${R[nodedns.hot_qps]}" "${R[unbound.hot_qps]}"
+row "hot set saturated: server CPU (cores)" "${R[nodedns.hot_cpu]}" "${R[unbound.hot_cpu]}"
+row "hot set saturated: qps per server-core" "${R[nodedns.hot_pc]}" "${R[unbound.hot_pc]}"
+row "hot set saturated: avg latency (us)" "${R[nodedns.hot_lat]}" "${R[unbound.hot_lat]}"
+row "hot set saturated: lost" "${R[nodedns.hot_lost]}" "${R[unbound.hot_lost]}"
+row "fixed 20k qps: qps" "${R[nodedns.fixed_qps]}" "${R[unbound.fixed_qps]}"
+row "fixed 20k qps: server CPU (cores)" "${R[nodedns.fixed_cpu]}" "${R[unbound.fixed_cpu]}"
+row "fixed 20k qps: avg latency (us)" "${R[nodedns.fixed_lat]}" "${R[unbound.fixed_lat]}"
+row "fixed 20k qps: lost" "${R[nodedns.fixed_lost]}" "${R[unbound.fixed_lost]}"
+row "mixed 90/10: qps" "${R[nodedns.mixed_qps]}" "${R[unbound.mixed_qps]}"
+row "mixed 90/10: server CPU (cores)" "${R[nodedns.mixed_cpu]}" "${R[unbound.mixed_cpu]}"
+row "mixed 90/10: qps per server-core" "${R[nodedns.mixed_pc]}" "${R[unbound.mixed_pc]}"
+row "mixed 90/10: avg latency (us)" "${R[nodedns.mixed_lat]}" "${R[unbound.mixed_lat]}"
+row "mixed 90/10: lost" "${R[nodedns.mixed_lost]}" "${R[unbound.mixed_lost]}"
+row "100k names: RSS after filling (MB)" "$(mb "${R[nodedns.rss_100k]}")" "$(mb "${R[unbound.rss_100k]}")"
+row "peak RSS, VmHWM (MB)" "$(mb "${R[nodedns.peak_rss]}")" "$(mb "${R[unbound.peak_rss]}")"
+row "idle RSS after start (MB)" "$(mb "${R[nodedns.idle_rss]}")" "$(mb "${R[unbound.idle_rss]}")"
+row "start to first answer (ms)" "${R[nodedns.start_ms]}" "${R[unbound.start_ms]}"
