@@ -21,6 +21,7 @@
 # (unbound module-config "iterator"); ample cache sizes for 100k names on both.
 #
 # Usage (as root): bench/e2e.sh            DURATION=10 SERVER_CPU=0 LOAD_CPU=1 WINDOW=128
+#   WORKLOADS="hot fixed mixed fill" (a subset runs only those)  SERVERS="nodedns unbound"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +35,9 @@ NSD_PORT=${NSD_PORT:-25353}
 NODEDNS_PORT=${NODEDNS_PORT:-25354}
 UNBOUND_PORT=${UNBOUND_PORT:-25355}
 LOOP=127.0.0.1
+WORKLOADS=${WORKLOADS:-hot fixed mixed fill}
+SERVERS=${SERVERS:-nodedns unbound}
+want() { [[ " $WORKLOADS " == *" $1 "* ]]; }
 
 if [[ $(id -u) -ne 0 ]]; then
     echo "e2e.sh: run as root (nsd and unbound are started with config files in a temp dir)" >&2
@@ -175,6 +179,13 @@ measure() {
 loadgen() { "$LOADGEN" --server "$LOOP:$PORT" "$@"; }
 
 declare -A R
+# Every cell starts empty, so a subset of WORKLOADS still prints the table (set -u).
+for s in nodedns unbound; do
+    for k in start_ms idle_rss hot_qps hot_cpu hot_lat hot_lost fixed_qps fixed_cpu fixed_lat fixed_lost \
+        mixed_qps mixed_cpu mixed_lat mixed_lost fill_lost rss_100k peak_rss; do
+        R[$s.$k]=
+    done
+done
 run_server() {
     local s=$1
     start "$s"
@@ -182,48 +193,55 @@ run_server() {
     sleep 1
     R[$s.idle_rss]=$(status_kb "$PID" VmRSS)
 
-    # hot set, saturated
-    loadgen --hot $HOT --sequential --duration 5 --window 16 >/dev/null 2>&1
-    measure "$s" "$LOADGEN" --server "$LOOP:$PORT" --hot $HOT --window "$WINDOW" --duration "$DURATION"
-    R[$s.hot_qps]=$(field qps "$OUT")
-    R[$s.hot_cpu]=$CPU
-    R[$s.hot_lat]=$(field avg_us "$OUT")
-    R[$s.hot_lost]=$(field lost "$OUT")
-    echo "$s hot: $OUT cpu=$CPU" >&2
+    if want hot; then
+        # hot set, saturated
+        loadgen --hot $HOT --sequential --duration 5 --window 16 >/dev/null 2>&1
+        measure "$s" "$LOADGEN" --server "$LOOP:$PORT" --hot $HOT --window "$WINDOW" --duration "$DURATION"
+        R[$s.hot_qps]=$(field qps "$OUT")
+        R[$s.hot_cpu]=$CPU
+        R[$s.hot_lat]=$(field avg_us "$OUT")
+        R[$s.hot_lost]=$(field lost "$OUT")
+        echo "$s hot: $OUT cpu=$CPU" >&2
+    fi
 
-    # hot set at a fixed 20k qps (dnsperf); caches re-warmed (30 s TTL cap)
-    awk -v n=$HOT 'BEGIN { for (i = 0; i < n; i++) printf "h%d.cluster.local A\n", i }' >"$TMP/hot.txt"
-    loadgen --hot $HOT --sequential --duration 5 --window 16 >/dev/null 2>&1
-    measure "$s" dnsperf -s $LOOP -p "$PORT" -d "$TMP/hot.txt" -l "$DURATION" -Q 20000
-    R[$s.fixed_qps]=$(awk '/Queries per second:/ { print $4 }' <<<"$OUT")
-    R[$s.fixed_cpu]=$CPU
-    R[$s.fixed_lat]=$(awk '/Average Latency \(s\):/ { printf "%.1f", $4 * 1e6 }' <<<"$OUT")
-    R[$s.fixed_lost]=$(awk '/Queries lost:/ { print $3 }' <<<"$OUT")
-    echo "$s fixed: qps=${R[$s.fixed_qps]} avg_us=${R[$s.fixed_lat]} lost=${R[$s.fixed_lost]} cpu=$CPU" >&2
+    if want fixed; then
+        # hot set at a fixed 20k qps (dnsperf); caches re-warmed (30 s TTL cap)
+        awk -v n=$HOT 'BEGIN { for (i = 0; i < n; i++) printf "h%d.cluster.local A\n", i }' >"$TMP/hot.txt"
+        loadgen --hot $HOT --sequential --duration 5 --window 16 >/dev/null 2>&1
+        measure "$s" dnsperf -s $LOOP -p "$PORT" -d "$TMP/hot.txt" -l "$DURATION" -Q 20000
+        R[$s.fixed_qps]=$(awk '/Queries per second:/ { print $4 }' <<<"$OUT")
+        R[$s.fixed_cpu]=$CPU
+        R[$s.fixed_lat]=$(awk '/Average Latency \(s\):/ { printf "%.1f", $4 * 1e6 }' <<<"$OUT")
+        R[$s.fixed_lost]=$(awk '/Queries lost:/ { print $3 }' <<<"$OUT")
+        echo "$s fixed: qps=${R[$s.fixed_qps]} avg_us=${R[$s.fixed_lat]} lost=${R[$s.fixed_lost]} cpu=$CPU" >&2
+    fi
 
-    # mixed: 90% hot, 10% never-repeated names
-    loadgen --hot $HOT --sequential --duration 5 --window 16 >/dev/null 2>&1
-    measure "$s" "$LOADGEN" --server "$LOOP:$PORT" --hot $HOT --random-pct 10 --window "$WINDOW" --duration "$DURATION"
-    R[$s.mixed_qps]=$(field qps "$OUT")
-    R[$s.mixed_cpu]=$CPU
-    R[$s.mixed_lat]=$(field avg_us "$OUT")
-    R[$s.mixed_lost]=$(field lost "$OUT")
-    echo "$s mixed: $OUT cpu=$CPU" >&2
+    if want mixed; then
+        # mixed: 90% hot, 10% never-repeated names
+        loadgen --hot $HOT --sequential --duration 5 --window 16 >/dev/null 2>&1
+        measure "$s" "$LOADGEN" --server "$LOOP:$PORT" --hot $HOT --random-pct 10 --window "$WINDOW" --duration "$DURATION"
+        R[$s.mixed_qps]=$(field qps "$OUT")
+        R[$s.mixed_cpu]=$CPU
+        R[$s.mixed_lat]=$(field avg_us "$OUT")
+        R[$s.mixed_lost]=$(field lost "$OUT")
+        echo "$s mixed: $OUT cpu=$CPU" >&2
+    fi
 
-    # 100k distinct names cached, then served once more from cache: peak RSS
-    loadgen --hot $FILL --sequential --duration 30 --window 64 >/dev/null 2>&1
-    OUT=$(loadgen --hot $FILL --sequential --duration 30 --window "$WINDOW" 2>&1)
-    R[$s.fill_lost]=$(field lost "$OUT")
-    R[$s.rss_100k]=$(status_kb "$PID" VmRSS)
-    R[$s.peak_rss]=$(status_kb "$PID" VmHWM)
-    echo "$s 100k: $OUT" >&2
+    if want fill; then
+        # 100k distinct names cached, then served once more from cache: peak RSS
+        loadgen --hot $FILL --sequential --duration 30 --window 64 >/dev/null 2>&1
+        OUT=$(loadgen --hot $FILL --sequential --duration 30 --window "$WINDOW" 2>&1)
+        R[$s.fill_lost]=$(field lost "$OUT")
+        R[$s.rss_100k]=$(status_kb "$PID" VmRSS)
+        R[$s.peak_rss]=$(status_kb "$PID" VmHWM)
+        echo "$s 100k: $OUT" >&2
+    fi
 
     kill "$PID"
     wait "$PID" 2>/dev/null || true
 }
 
-run_server nodedns
-run_server unbound
+for s in $SERVERS; do run_server "$s"; done
 
 # --- the table -------------------------------------------------------------------------------------
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }

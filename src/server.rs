@@ -1,10 +1,13 @@
 //! Listeners: UDP workers and TCP connections, and the miss path that joins them to upstream.
 //!
-//! UDP: one `SO_REUSEPORT` socket per worker per listen address, each read by a dedicated thread in
-//! batches (`recvmmsg`/`sendmmsg`, up to 32 datagrams a call). Cache hits are answered inside that
-//! loop, with no task and no allocation; only misses are handed to the tokio runtime, which forwards
-//! them and sends the reply from the same socket. This is the shape the speed measurements call for:
-//! the kernel dominates, so the loop batches and does nothing else.
+//! UDP: one `SO_REUSEPORT` socket per worker per listen address, each served by a dedicated thread
+//! that runs its own single-threaded tokio runtime. The thread reads in batches (`recvmmsg`/
+//! `sendmmsg`, up to 32 datagrams a call) and answers cache hits inside that loop, with no task and
+//! no allocation. Misses become tasks on the same thread's runtime, which forward them and send the
+//! reply from the same socket. Keeping a miss on the thread that received it matters: handing it to
+//! another thread's runtime cost a cross-thread wake-up and context switches per miss, which on one
+//! CPU made a miss ~40% dearer than in unbound (see `bench/README.md`). The kernel dominates, so the
+//! loop batches and does nothing else.
 //!
 //! TCP: tokio, a semaphore bounding open connections, 2-byte framing, many pipelined queries per
 //! connection answered as they complete (out of order is allowed, RFC 7766), idle connections closed.
@@ -13,14 +16,15 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
@@ -33,8 +37,6 @@ use crate::wire::{self, Response, rcode};
 const BATCH: usize = 32;
 /// Receive buffer per datagram; a longer query is not a query nodedns will answer.
 const RECV_BUF: usize = 4096;
-/// How often an idle UDP worker looks at the shutdown flag.
-const UDP_POLL: Duration = Duration::from_millis(200);
 
 /// Listener options.
 #[derive(Debug, Clone)]
@@ -68,6 +70,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error("cannot start a UDP worker: {0}")]
+    Worker(io::Error),
 }
 
 /// Told about every reply sent (metrics and the query log implement it).
@@ -217,7 +221,6 @@ impl Drop for FlightGuard<'_> {
 pub struct Listeners {
     /// The UDP and TCP addresses actually bound (a port 0 resolved).
     pub bound: Vec<SocketAddr>,
-    stop: Arc<AtomicBool>,
     udp_threads: Vec<JoinHandle<()>>,
     tcp_stop: watch::Sender<bool>,
     tcp_tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -253,22 +256,32 @@ impl Listeners {
             tcp.push(listener);
             bound.push(local);
         }
-        let stop = Arc::new(AtomicBool::new(false));
+        let (tcp_stop, stop_rx) = watch::channel(false);
+        // Every runtime first, so a failure leaves no thread behind.
+        let runtimes = udp
+            .iter()
+            .map(|_| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(ServerError::Worker)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut udp_threads = Vec::new();
-        for (i, sock) in udp.into_iter().enumerate() {
-            let (ctx, rt, stop) = (ctx.clone(), rt.clone(), stop.clone());
+        for (i, (sock, wrt)) in udp.into_iter().zip(runtimes).enumerate() {
+            let (ctx, stop) = (ctx.clone(), stop_rx.clone());
             let worker = i % opts.workers.max(1);
             let t = std::thread::Builder::new()
                 .name(format!("udp-{i}"))
-                .spawn(move || udp_loop(sock, ctx, rt, stop, worker))
-                .map_err(|source| ServerError::Bind {
-                    proto: "udp",
-                    addr: bound[0],
-                    source,
-                })?;
+                .spawn(move || {
+                    let local = tokio::task::LocalSet::new();
+                    local.block_on(&wrt, udp_loop(sock, ctx, stop, worker));
+                    // Let the misses in flight finish (each is bounded by the upstream deadline).
+                    wrt.block_on(local);
+                })
+                .map_err(ServerError::Worker)?;
             udp_threads.push(t);
         }
-        let (tcp_stop, stop_rx) = watch::channel(false);
         let limit = Arc::new(Semaphore::new(opts.max_tcp_connections.max(1)));
         let tcp_tasks = tcp
             .into_iter()
@@ -286,16 +299,15 @@ impl Listeners {
             .collect();
         Ok(Listeners {
             bound,
-            stop,
             udp_threads,
             tcp_stop,
             tcp_tasks,
         })
     }
 
-    /// Stops accepting and reading; in-flight upstream exchanges finish on the runtime.
+    /// Stops accepting and reading; in-flight upstream exchanges finish (UDP ones on their worker's
+    /// thread, which ends after them).
     pub async fn shutdown(self) {
-        self.stop.store(true, Ordering::Release);
         let _ = self.tcp_stop.send(true);
         for t in self.tcp_tasks {
             let _ = t.await;
@@ -334,7 +346,9 @@ fn bind_udp(addr: SocketAddr) -> io::Result<StdUdpSocket> {
     let s = new_socket(addr, Type::DGRAM, Protocol::UDP)?;
     let _ = s.set_recv_buffer_size(4 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
-    s.set_read_timeout(Some(UDP_POLL))?;
+    // Read through the worker's reactor (`AsyncFd`); a send that would block drops the reply, as a
+    // full socket buffer would drop it anyway.
+    s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     Ok(s.into())
 }
@@ -363,7 +377,7 @@ impl Batch {
         }
     }
 
-    /// Receives up to BATCH datagrams, blocking for the first (and at most `UDP_POLL`).
+    /// Receives up to BATCH datagrams without blocking (`WouldBlock` when there are none).
     fn recv(&mut self, fd: i32) -> io::Result<usize> {
         // SAFETY: the iovecs and headers point into self's buffers, which outlive the call, and
         // their lengths are the buffers' lengths.
@@ -383,7 +397,7 @@ impl Batch {
                 fd,
                 hdrs.as_mut_ptr(),
                 BATCH as u32,
-                libc::MSG_WAITFORONE,
+                libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             );
             if n < 0 {
@@ -458,34 +472,53 @@ fn peer_of(sa: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// The UDP worker: receive a batch, answer hits in place, hand misses to the runtime, send the batch.
-fn udp_loop(
+/// The UDP worker, on its own thread's runtime (inside a `LocalSet`): receive a batch, answer hits in
+/// place, start a local task per miss, send the batch; wait on the reactor only when the socket is
+/// empty. Returns when `stop` changes.
+async fn udp_loop(
     sock: Arc<StdUdpSocket>,
     ctx: Arc<Ctx>,
-    rt: tokio::runtime::Handle,
-    stop: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
     worker: usize,
 ) {
     let fd = sock.as_raw_fd();
+    // SAFETY: the `Arc` inside the `AsyncFd` keeps the socket, and so its descriptor, open for the
+    // `AsyncFd`'s whole life, and `as_raw_fd` on it always returns that descriptor.
+    let afd = match unsafe { AsyncFd::register_with_interest(sock.clone(), Interest::READABLE) } {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "udp worker: cannot register the socket");
+            return;
+        }
+    };
     let mut b = Batch::new();
-    while !stop.load(Ordering::Acquire) {
-        let n = match b.recv(fd) {
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
-            Err(e) => {
+    loop {
+        let mut guard = tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            g = afd.readable() => match g {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(error = %e, "udp worker: reactor");
+                    return;
+                }
+            },
+        };
+        // `try_io` clears the readiness only when this very call finds the socket empty, so a
+        // datagram that arrived meanwhile is never left unnoticed.
+        let n = match guard.try_io(|_| b.recv(fd)) {
+            Err(_would_block) => continue,
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "udp receive");
                 continue;
             }
         };
+        drop(guard);
         let now = Instant::now();
         let mut replies = 0;
+        let mut spawned = false;
         for i in 0..n {
             let packet = &b.bufs[i][..b.lens[i]];
             let out = &mut b.replies[replies];
@@ -511,7 +544,8 @@ fn udp_loop(
                     }
                     let packet = packet.to_vec();
                     let (ctx, sock) = (ctx.clone(), sock.clone());
-                    rt.spawn(async move {
+                    spawned = true;
+                    tokio::task::spawn_local(async move {
                         let mut out = Vec::with_capacity(512);
                         if let Some(a) = ctx.resolve_miss(&packet, Proto::Udp, &mut out).await {
                             ctx.recorder.answered(worker, Proto::Udp, &a, &packet);
@@ -526,6 +560,10 @@ fn udp_loop(
         }
         if replies > 0 {
             b.send(fd, replies);
+        }
+        if spawned {
+            // Let the new misses send their upstream queries before the next batch.
+            tokio::task::yield_now().await;
         }
     }
 }

@@ -427,8 +427,10 @@ impl TcpPool {
 
     async fn get(&self) -> Result<Arc<TcpConn>, AttemptError> {
         let mut slot = self.conn.lock().await;
+        // `tx` closed: the connection's tasks are gone (their runtime, a UDP worker's, has ended).
         if let Some(c) = slot.as_ref()
             && !c.closed.load(Ordering::Acquire)
+            && !c.tx.is_closed()
         {
             return Ok(c.clone());
         }
