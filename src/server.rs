@@ -515,7 +515,16 @@ async fn udp_loop(
                 continue;
             }
         };
-        drop(guard);
+        if n < BATCH {
+            // Fewer than asked: the queue ran dry during this call (an error would be pending and
+            // raise a new event), so skip the `recvmmsg` that would only say `EAGAIN`, one syscall
+            // per wake-up at low rates. Safe on this thread's own runtime: the reactor has not run
+            // since `readable()`, so every datagram that arrived after this call raises an epoll
+            // event not yet collected, and `clear_ready` only clears the readiness it was given.
+            guard.clear_ready();
+        } else {
+            drop(guard);
+        }
         let now = Instant::now();
         let mut replies = 0;
         let mut spawned = false;
