@@ -37,6 +37,9 @@ use crate::wire::{self, Response, rcode};
 const BATCH: usize = 32;
 /// Receive buffer per datagram; a longer query is not a query nodedns will answer.
 const RECV_BUF: usize = 4096;
+/// A UDP worker with a steady stream of hits yields to its misses at least every this many batches
+/// (256 datagrams, well under a millisecond), so a miss's upstream reply is not held up for long.
+const YIELD_EVERY: u32 = 8;
 
 /// Listener options.
 #[derive(Debug, Clone)]
@@ -492,6 +495,7 @@ async fn udp_loop(
         }
     };
     let mut b = Batch::new();
+    let mut since_yield = 0;
     loop {
         let mut guard = tokio::select! {
             biased;
@@ -570,8 +574,11 @@ async fn udp_loop(
         if replies > 0 {
             b.send(fd, replies);
         }
-        if spawned {
-            // Let the new misses send their upstream queries before the next batch.
+        since_yield += 1;
+        if spawned || since_yield >= YIELD_EVERY {
+            // Let the new misses send their upstream queries, and the reactor deliver upstream
+            // replies, before the next batch: under a steady stream the socket never runs dry.
+            since_yield = 0;
             tokio::task::yield_now().await;
         }
     }
