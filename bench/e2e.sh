@@ -22,6 +22,7 @@
 #
 # Usage (as root): bench/e2e.sh            DURATION=10 SERVER_CPU=0 LOAD_CPU=1 WINDOW=128
 #   WORKLOADS="hot fixed mixed fill" (a subset runs only those)  SERVERS="nodedns unbound"
+#   NODEDNS_BIN=path/to/nodedns (another build, for A/B)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,7 +53,7 @@ fi
 
 cargo build --release --quiet
 cargo build --release --quiet --example loadgen
-NODEDNS=$PWD/target/release/nodedns
+NODEDNS=${NODEDNS_BIN:-$PWD/target/release/nodedns}  # NODEDNS_BIN: compare another build
 LOADGEN=$PWD/target/release/examples/loadgen
 CLK_TCK=$(getconf CLK_TCK)
 

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
@@ -497,16 +498,26 @@ async fn udp_loop(
     let mut b = Batch::new();
     let mut since_yield = 0;
     loop {
-        let mut guard = tokio::select! {
-            biased;
-            _ = stop.changed() => return,
-            g = afd.readable() => match g {
-                Ok(g) => g,
-                Err(e) => {
-                    tracing::error!(error = %e, "udp worker: reactor");
-                    return;
-                }
+        // A dropped sender counts as a stop.
+        if stop.has_changed().unwrap_or(true) {
+            return;
+        }
+        // Ready already (the usual case under load): no need to also watch `stop`, whose waiter
+        // would be registered and removed again on every batch.
+        let ready = match afd.readable().now_or_never() {
+            Some(r) => r,
+            None => tokio::select! {
+                biased;
+                _ = stop.changed() => return,
+                g = afd.readable() => g,
             },
+        };
+        let mut guard = match ready {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "udp worker: reactor");
+                return;
+            }
         };
         // `try_io` clears the readiness only when this very call finds the socket empty, so a
         // datagram that arrived meanwhile is never left unnoticed.
