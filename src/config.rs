@@ -325,6 +325,15 @@ impl Cli {
         if self.max_ttl < self.min_ttl {
             return bad("--max-ttl must not be below --min-ttl".into());
         }
+        if self.max_tcp_connections > 1_000_000 || self.max_concurrent > 10_000_000 {
+            return bad("--max-tcp-connections (at most 1000000) or --max-concurrent (at most 10000000) is too large".into());
+        }
+        if self.workers > 256 {
+            return bad(format!(
+                "--workers {} is too many (at most 256; 0 means one per CPU)",
+                self.workers
+            ));
+        }
         if self.cache_size == 0 || self.negative_cache_size == 0 {
             return bad("cache sizes must be at least 1".into());
         }
