@@ -64,8 +64,8 @@ impl Handler {
         Handler { cache, policy }
     }
 
-    /// Decides what to do with one query packet. `limit` is the largest reply the transport takes
-    /// (the client's UDP size for UDP, 65535 for TCP).
+    /// Decides what to do with one query packet; a reply, if any, is written into `out`. `proto`
+    /// sets the reply size limit (the client's UDP size for UDP, 65535 for TCP; see [`limit_for`]).
     pub fn answer(&self, packet: &[u8], proto: Proto, now: Instant, out: &mut Vec<u8>) -> Outcome {
         let view = match wire::scan_query(packet) {
             Ok(v) => v,
@@ -127,8 +127,8 @@ impl Handler {
         }
     }
 
-    /// Finishes a miss: validates the upstream `reply` to the query in `packet` (sent upstream with
-    /// ID `sent_id`), stores it if cacheable and renders the client's reply.
+    /// Finishes a miss: validates the upstream `reply` to `view`'s query (sent upstream with ID
+    /// `sent_id`) and stores it if cacheable; [`Handler::complete`] then renders each client's reply.
     pub fn store(
         &self,
         view: &QueryView<'_>,

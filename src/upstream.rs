@@ -191,30 +191,33 @@ impl Upstreams {
     pub async fn probe(&self, timeout: Duration) -> bool {
         // Header: RD, one question; question: root, NS, IN.
         let question: &[u8] = &[0, 0, 2, 0, 1];
-        let probes = self
-            .servers
-            .iter()
-            .enumerate()
-            .map(|(i, &addr)| async move {
-                let id: u16 = rand::random();
-                let mut q = Vec::with_capacity(17);
-                q.extend_from_slice(&id.to_be_bytes());
-                q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-                q.extend_from_slice(question);
-                // The same transport as real queries: with --force-tcp, UDP may be what is blocked.
-                let exchange = async {
-                    if self.opts.force_tcp {
-                        self.pools[i].exchange(&q, question).await
-                    } else {
-                        udp_exchange(addr, &q, id, question).await
-                    }
-                };
-                matches!(tokio::time::timeout(timeout, exchange).await, Ok(Ok(_)))
-            });
+        let transport = self.transport();
+        let until = Instant::now() + timeout;
+        let probes = (0..self.servers.len()).map(|server| async move {
+            let id: u16 = rand::random();
+            let mut q = Vec::with_capacity(17);
+            q.extend_from_slice(&id.to_be_bytes());
+            q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+            q.extend_from_slice(question);
+            // Through the same exchange as real queries, so the probe uses their transport (with
+            // --force-tcp, UDP may be exactly what is blocked).
+            self.exchange(server, transport, &q, id, question, until)
+                .await
+                .is_ok()
+        });
         futures_util::future::join_all(probes)
             .await
             .into_iter()
             .any(|ok| ok)
+    }
+
+    /// The transport a query starts on: TCP with `force_tcp`, else UDP (with TCP after TC=1).
+    fn transport(&self) -> Transport {
+        if self.opts.force_tcp {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        }
     }
 
     /// Every distinct server, in the order metrics label them.
@@ -270,13 +273,9 @@ impl Upstreams {
             let until = (now + self.opts.attempt_timeout).min(deadline);
             let id: u16 = rand::random();
             wire::build_upstream_query(view, id, &mut query);
-            let mut transport = if self.opts.force_tcp {
-                Transport::Tcp
-            } else {
-                Transport::Udp
-            };
+            let mut transport = self.transport();
             let mut result = self
-                .exchange(server, transport, &query, id, view, until)
+                .exchange(server, transport, &query, id, view.question, until)
                 .await;
             if let Ok(bytes) = &result
                 && transport == Transport::Udp
@@ -286,7 +285,7 @@ impl Upstreams {
                 // Truncated over UDP: ask the same server over TCP.
                 transport = Transport::Tcp;
                 result = self
-                    .exchange(server, transport, &query, id, view, until)
+                    .exchange(server, transport, &query, id, view.question, until)
                     .await;
             }
             self.observe(server, transport, &result, now);
@@ -332,14 +331,14 @@ impl Upstreams {
         transport: Transport,
         query: &[u8],
         id: u16,
-        view: &QueryView<'_>,
+        question: &[u8],
         until: Instant,
     ) -> Result<Vec<u8>, AttemptError> {
         let addr = self.servers[server];
         let fut = async {
             match transport {
-                Transport::Udp => udp_exchange(addr, query, id, view.question).await,
-                Transport::Tcp => self.pools[server].exchange(query, view.question).await,
+                Transport::Udp => udp_exchange(addr, query, id, question).await,
+                Transport::Tcp => self.pools[server].exchange(query, question).await,
             }
         };
         match tokio::time::timeout_at(until.into(), fut).await {

@@ -392,33 +392,24 @@ fn opt_in_the_middle_is_handled() {
     let t = t0();
     let q = query(1, "a.example.", RecordType::A, None);
     let v = scan_query(&q).unwrap();
-    let mut m = Message::from_vec(&a_reply(&build_q(&v, 5), &[60])).unwrap();
-    // Put a record after the OPT by encoding OPT first manually: take the bytes and append an A.
-    m.add_additional(Record::from_rdata(
-        Name::from_str("x.example.").unwrap(),
-        40,
-        RData::A(A(Ipv4Addr::new(1, 2, 3, 4))),
-    ));
-    let mut bytes = m.to_vec().unwrap();
-    // hickory writes OPT last; move it before the additional A by rebuilding by hand.
+    let mut bytes = a_reply(&build_q(&v, 5), &[60]);
+    // a_reply ends with its OPT (ARCOUNT 1); put an A record after it, whose name is a compression
+    // pointer to the question (offset 12), so the OPT sits in the middle of the additional section.
     let opt = [0u8, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0];
-    let pos = bytes.len() - opt.len();
-    assert_eq!(&bytes[pos..pos + 3], &opt[..3]);
-    bytes.truncate(pos);
-    let a_len = {
-        // The additional A record is the last 4+10+? bytes; find it by re-parsing offsets.
-        let mm = Message::from_vec(&[bytes.clone(), opt.to_vec()].concat()).unwrap();
-        mm.additionals.len()
-    };
-    assert_eq!(a_len, 1);
-    let resp =
-        Response::from_upstream(&[bytes.clone(), opt.to_vec()].concat(), 5, &v, &policy(), t)
-            .unwrap();
+    assert_eq!(&bytes[bytes.len() - opt.len()..], &opt);
+    bytes.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 40, 0, 4, 1, 2, 3, 4]);
+    bytes[10..12].copy_from_slice(&2u16.to_be_bytes());
+    let parsed = Message::from_vec(&bytes).unwrap();
+    assert_eq!((parsed.additionals.len(), parsed.edns.is_some()), (1, true));
+
+    let resp = Response::from_upstream(&bytes, 5, &v, &policy(), t).unwrap();
     let mut out = Vec::new();
     render(&resp, &v, t, 65535, &mut out);
     let mm = Message::from_vec(&out).unwrap();
-    assert_eq!(mm.additionals.len(), 1);
-    assert!(mm.edns.is_none());
+    assert_eq!(mm.additionals.len(), 1, "the A after the OPT is kept");
+    assert_eq!(mm.additionals[0].name.to_string(), "a.example.");
+    assert!(mm.edns.is_none(), "the upstream OPT is stripped");
+    // Answer 60 and additional 40, both lowered to the 30 s lifetime.
     assert_eq!(ttls_of(&out), vec![30, 30]);
 }
 

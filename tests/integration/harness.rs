@@ -118,6 +118,32 @@ fn loopback_resolv_conf() -> &'static str {
     })
 }
 
+/// Spawns `cmd` with stdin and stdout closed and stderr collected by a thread into the returned
+/// buffer (shown when a test fails).
+pub fn spawn_capturing_stderr(cmd: &mut Command) -> (Child, Arc<Mutex<Vec<u8>>>) {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let mut pipe = child.stderr.take().expect("stderr pipe");
+    let sink = stderr.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(&buf[..n]);
+        }
+    });
+    (child, stderr)
+}
+
 /// Finds a loopback port that is free for both UDP and TCP (bound, then released).
 pub fn free_port() -> u16 {
     for _ in 0..100 {
@@ -161,24 +187,10 @@ impl Nodedns {
                 cmd.args(["--log-level", &level]);
             }
             cmd.args(args);
-            cmd.stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
-            let mut child = cmd.spawn().expect("spawn nodedns");
-            let stderr = Arc::new(Mutex::new(Vec::new()));
-            let mut pipe = child.stderr.take().expect("stderr pipe");
-            let sink = stderr.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .extend_from_slice(&buf[..n]);
-                }
-            });
+            // Only the test's flags choose upstreams, whatever the runner's environment says.
+            cmd.env_remove("KUBE_DNS_UPSTREAM_SERVICE_HOST")
+                .env_remove("KUBE_DNS_UPSTREAM_SERVICE_PORT");
+            let (child, stderr) = spawn_capturing_stderr(&mut cmd);
             let mut node = Nodedns {
                 addr,
                 child,

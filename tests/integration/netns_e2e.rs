@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -411,8 +412,20 @@ pub struct NsNodedns {
 impl NsNodedns {
     /// Starts `nodedns args...` in `ns` with `env` added to its environment; does not wait.
     pub fn spawn(ns: &Netns, args: &[&str], env: &[(&str, &str)]) -> NsNodedns {
+        Self::spawn_wrapped(ns, &[], args, env)
+    }
+
+    /// Like [`spawn`](Self::spawn), with `wrapper` (e.g. `setpriv ...`) run in front of nodedns.
+    pub fn spawn_wrapped(
+        ns: &Netns,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> NsNodedns {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name]).arg(bin());
+        cmd.args(["netns", "exec", &ns.name])
+            .args(wrapper)
+            .arg(bin());
         if let Ok(level) = std::env::var("NODEDNS_TEST_LOG_LEVEL") {
             cmd.args(["--log-level", &level]);
         }
@@ -424,24 +437,7 @@ impl NsNodedns {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn ip netns exec nodedns");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let mut pipe = child.stderr.take().expect("stderr pipe");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend_from_slice(&buf[..n]);
-            }
-        });
+        let (child, stderr) = crate::harness::spawn_capturing_stderr(&mut cmd);
         NsNodedns {
             ns: ns.name.clone(),
             ns_path: ns.path(),
@@ -1164,6 +1160,60 @@ fn without_setup_interface_the_address_must_exist() {
         1,
         "the operator's address must stay"
     );
+}
+
+#[test]
+fn without_cap_net_admin_setup_fails_in_one_line_naming_it() {
+    require_netns!("without_cap_net_admin_setup_fails_in_one_line_naming_it");
+    if !Path::new("/usr/bin/setpriv").exists() {
+        println!(
+            "SKIP without_cap_net_admin_setup_fails_in_one_line_naming_it: no setpriv (util-linux)"
+        );
+        return;
+    }
+    let (ns, up) = ns_with_upstream("nocap");
+    let upstream = up.addr_str();
+    // Root without CAP_NET_ADMIN: dropped from the bounding and inheritable sets before exec.
+    let drop = [
+        "setpriv",
+        "--bounding-set=-net_admin",
+        "--inh-caps=-net_admin",
+    ];
+    let mut node = NsNodedns::spawn_wrapped(
+        &ns,
+        &drop,
+        &args(&upstream, &["--link-kind", "bridge"]),
+        &[],
+    );
+    let st = node.expect_exit();
+    let stderr = node.stderr_text();
+    assert!(!st.success(), "{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("nodedns: ") || l.contains("ERROR"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line expected:\n{stderr}");
+    assert!(errors[0].contains("CAP_NET_ADMIN"), "{stderr}");
+    assert!(!ns.link_exists(LINK));
+    assert_eq!(ns.nodedns_rule_count(), 0);
+
+    // The same drop with nothing to set up (--setup-interface=false, address pre-added) serves.
+    ns.ok(&["ip", "link", "add", "pre0", "type", "bridge"]);
+    ns.ok(&["ip", "link", "set", "pre0", "up"]);
+    ns.ok(&["ip", "addr", "add", &format!("{LOCAL}/32"), "dev", "pre0"]);
+    let mut node = NsNodedns::spawn_wrapped(
+        &ns,
+        &drop,
+        &args(&upstream, &["--setup-interface=false"]),
+        &[],
+    );
+    node.wait_ready(
+        format!("{LOCAL}:53").parse().expect("literal"),
+        Duration::from_secs(15),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.stderr_text()));
+    assert_serves(&ns);
+    node.stop();
 }
 
 #[test]
