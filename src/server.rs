@@ -1,33 +1,37 @@
 //! Listeners: UDP workers and TCP connections, and the miss path that joins them to upstream.
 //!
 //! UDP: one `SO_REUSEPORT` socket per worker per listen address, each served by a dedicated thread
-//! that runs its own single-threaded tokio runtime. The thread reads in batches (`recvmmsg`/
-//! `sendmmsg`, up to 32 datagrams a call) and answers cache hits inside that loop, with no task and
-//! no allocation. Misses become tasks on the same thread's runtime, which forward them and send the
-//! reply from the same socket. Keeping a miss on the thread that received it matters: handing it to
-//! another thread's runtime cost a cross-thread wake-up and context switches per miss, which on one
-//! CPU made a miss ~40% dearer than in unbound (see `bench/README.md`). The kernel dominates, so the
-//! loop batches and does nothing else.
+//! that owns a single-threaded tokio runtime. The thread reads in batches (`recvmmsg`/`sendmmsg`, up
+//! to 32 datagrams a call) and answers cache hits inside that loop, with no task and no allocation.
+//! While it has no miss in flight it sleeps in a blocking `recvmmsg`, so a wake-up costs two system
+//! calls and no runtime; misses become tasks on the same thread's runtime, which forward them and
+//! send the reply from the same socket, and while any is in flight the loop reads through the
+//! runtime's reactor instead (see [`udp_worker`]). Keeping a miss on the thread that received it
+//! matters: handing it to another thread's runtime cost a cross-thread wake-up and context switches
+//! per miss, which on one CPU made a miss ~40% dearer than in unbound (see `bench/README.md`). The
+//! kernel dominates, so the loop batches and does nothing else.
 //!
 //! TCP: tokio, a semaphore bounding open connections, 2-byte framing, many pipelined queries per
 //! connection answered as they complete (out of order is allowed, RFC 7766), idle connections closed.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use crate::cache::Key;
 use crate::handler::{Answered, Handler, Outcome, Proto};
@@ -226,6 +230,8 @@ pub struct Listeners {
     /// The UDP and TCP addresses actually bound (a port 0 resolved).
     pub bound: Vec<SocketAddr>,
     udp_threads: Vec<JoinHandle<()>>,
+    /// The workers' sockets, whose read side `shutdown` closes to wake a blocked receive.
+    udp_socks: Vec<Arc<StdUdpSocket>>,
     tcp_stop: watch::Sender<bool>,
     tcp_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -271,18 +277,14 @@ impl Listeners {
                     .map_err(ServerError::Worker)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let udp_socks = udp.clone();
         let mut udp_threads = Vec::new();
         for (i, (sock, wrt)) in udp.into_iter().zip(runtimes).enumerate() {
             let (ctx, stop) = (ctx.clone(), stop_rx.clone());
             let worker = i % opts.workers.max(1);
             let t = std::thread::Builder::new()
                 .name(format!("udp-{i}"))
-                .spawn(move || {
-                    let local = tokio::task::LocalSet::new();
-                    local.block_on(&wrt, udp_loop(sock, ctx, stop, worker));
-                    // Let the misses in flight finish (each is bounded by the upstream deadline).
-                    wrt.block_on(local);
-                })
+                .spawn(move || udp_worker(sock, ctx, stop, worker, wrt))
                 .map_err(ServerError::Worker)?;
             udp_threads.push(t);
         }
@@ -304,6 +306,7 @@ impl Listeners {
         Ok(Listeners {
             bound,
             udp_threads,
+            udp_socks,
             tcp_stop,
             tcp_tasks,
         })
@@ -313,6 +316,15 @@ impl Listeners {
     /// thread, which ends after them).
     pub async fn shutdown(self) {
         let _ = self.tcp_stop.send(true);
+        for s in &self.udp_socks {
+            // Wakes a worker blocked in `recvmmsg` (it returns at once from now on), which then sees
+            // the stop. On an unconnected UDP socket Linux reports ENOTCONN but does shut the read
+            // side, so the result is ignored.
+            // SAFETY: shutdown on a descriptor this `Arc` keeps open; no memory is passed.
+            unsafe {
+                libc::shutdown(s.as_raw_fd(), libc::SHUT_RD);
+            }
+        }
         for t in self.tcp_tasks {
             let _ = t.await;
         }
@@ -350,9 +362,12 @@ fn bind_udp(addr: SocketAddr) -> io::Result<StdUdpSocket> {
     let s = new_socket(addr, Type::DGRAM, Protocol::UDP)?;
     let _ = s.set_recv_buffer_size(4 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
-    // Read through the worker's reactor (`AsyncFd`); a send that would block drops the reply, as a
-    // full socket buffer would drop it anyway.
-    s.set_nonblocking(true)?;
+    // Blocking, for the worker's blocking phase; its async phase and every send pass
+    // `MSG_DONTWAIT` instead (a send that would block drops the reply, as a full socket buffer
+    // would drop it anyway). The timeout is only a backstop for noticing a stop: shutdown wakes a
+    // blocked receive at once (see `Listeners::shutdown`).
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
     s.bind(&addr.into())?;
     Ok(s.into())
 }
@@ -381,8 +396,9 @@ impl Batch {
         }
     }
 
-    /// Receives up to BATCH datagrams without blocking (`WouldBlock` when there are none).
-    fn recv(&mut self, fd: i32) -> io::Result<usize> {
+    /// Receives up to BATCH datagrams: with `MSG_DONTWAIT`, without blocking (`WouldBlock` when
+    /// there are none); with `MSG_WAITFORONE`, waiting for the first and taking what else is queued.
+    fn recv(&mut self, fd: i32, flags: i32) -> io::Result<usize> {
         // SAFETY: the iovecs and headers point into self's buffers, which outlive the call, and
         // their lengths are the buffers' lengths.
         unsafe {
@@ -401,7 +417,7 @@ impl Batch {
                 fd,
                 hdrs.as_mut_ptr(),
                 BATCH as u32,
-                libc::MSG_DONTWAIT,
+                flags,
                 std::ptr::null_mut(),
             );
             if n < 0 {
@@ -440,7 +456,12 @@ impl Batch {
                     hdrs[k].msg_hdr.msg_iov = &mut iovs[k];
                     hdrs[k].msg_hdr.msg_iovlen = 1;
                 }
-                libc::sendmmsg(fd, hdrs.as_mut_ptr(), (count - sent) as u32, 0)
+                libc::sendmmsg(
+                    fd,
+                    hdrs.as_mut_ptr(),
+                    (count - sent) as u32,
+                    libc::MSG_DONTWAIT,
+                )
             };
             if r <= 0 {
                 // The first message failed (e.g. unreachable client): skip it and go on.
@@ -476,30 +497,106 @@ fn peer_of(sa: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// The UDP worker, on its own thread's runtime (inside a `LocalSet`): receive a batch, answer hits in
-/// place, start a local task per miss, send the batch; wait on the reactor only when the socket is
-/// empty. Returns when `stop` changes.
-async fn udp_loop(
+/// What a UDP worker's miss tasks share with its loop (one thread, so no atomics).
+#[derive(Default)]
+struct Local {
+    /// Miss tasks started by this worker and not yet finished.
+    misses: Cell<usize>,
+    /// Told when `misses` drops to 0, so the async phase can hand back to the blocking one.
+    idle: Notify,
+}
+
+/// A UDP worker thread. It alternates between two phases:
+///
+/// - Blocking (no miss of its own in flight, the usual state of a warm cache): the thread sleeps in
+///   `recvmmsg(MSG_WAITFORONE)` on a blocking socket, answers the batch and sends it with one
+///   `sendmmsg`. Two system calls per wake-up and no runtime in between; at a fixed moderate rate,
+///   where each wake-up brings one or two queries, the epoll wait a reactor needs first was a third
+///   of the calls. The runtime is not driven meanwhile, which is why nothing else lives on it (the
+///   upstream TCP connections run on the main runtime, see `upstream::TcpPool`).
+/// - Async (misses in flight): the same loop as a future on the thread's own runtime, reading
+///   through the reactor (`AsyncFd`) with `MSG_DONTWAIT`, so the misses' upstream sockets and timers
+///   progress; it hands back as soon as the last miss has finished.
+///
+/// `stop` ends it: `Listeners::shutdown` also shuts the socket's read side, which wakes a blocked
+/// `recvmmsg`. Misses still in flight then finish (each is bounded by the upstream deadline).
+fn udp_worker(
     sock: Arc<StdUdpSocket>,
     ctx: Arc<Ctx>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     worker: usize,
+    rt: tokio::runtime::Runtime,
 ) {
     let fd = sock.as_raw_fd();
-    // SAFETY: the `Arc` inside the `AsyncFd` keeps the socket, and so its descriptor, open for the
-    // `AsyncFd`'s whole life, and `as_raw_fd` on it always returns that descriptor.
-    let afd = match unsafe { AsyncFd::register_with_interest(sock.clone(), Interest::READABLE) } {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "udp worker: cannot register the socket");
-            return;
+    let afd = {
+        let _in_rt = rt.enter();
+        // SAFETY: the `Arc` inside the `AsyncFd` keeps the socket, and so its descriptor, open for
+        // the `AsyncFd`'s whole life, and `as_raw_fd` on it always returns that descriptor.
+        match unsafe { AsyncFd::register_with_interest(sock.clone(), Interest::READABLE) } {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "udp worker: cannot register the socket");
+                return;
+            }
         }
     };
+    let tasks = tokio::task::LocalSet::new();
+    let local = Rc::new(Local::default());
     let mut b = Batch::new();
+    // A dropped sender counts as a stop.
+    let stopped = |s: &watch::Receiver<bool>| s.has_changed().unwrap_or(true);
+    while !stopped(&stop) {
+        if local.misses.get() > 0 {
+            let mut stop = stop.clone();
+            tasks.block_on(
+                &rt,
+                udp_async(&afd, &sock, &ctx, &mut stop, worker, &tasks, &local, &mut b),
+            );
+            continue;
+        }
+        let n = match b.recv(fd, libc::MSG_WAITFORONE) {
+            Ok(n) => n,
+            // EAGAIN: the receive timeout, a backstop for noticing `stop`.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "udp receive");
+                continue;
+            }
+        };
+        serve_batch(&mut b, n, &sock, &ctx, worker, &tasks, &local);
+    }
+    drop(afd);
+    // Let the misses in flight finish.
+    rt.block_on(tasks);
+}
+
+/// The async phase of [`udp_worker`]: receive a batch through the reactor, answer hits in place,
+/// start a local task per miss, send the batch. Returns when this worker has no miss in flight, or
+/// on `stop`.
+#[allow(clippy::too_many_arguments)]
+async fn udp_async(
+    afd: &AsyncFd<Arc<StdUdpSocket>>,
+    sock: &Arc<StdUdpSocket>,
+    ctx: &Arc<Ctx>,
+    stop: &mut watch::Receiver<bool>,
+    worker: usize,
+    tasks: &tokio::task::LocalSet,
+    local: &Rc<Local>,
+    b: &mut Batch,
+) {
+    let fd = sock.as_raw_fd();
+    // Let the misses just started send their upstream queries first.
+    tokio::task::yield_now().await;
     let mut since_yield = 0;
     loop {
-        // A dropped sender counts as a stop.
-        if stop.has_changed().unwrap_or(true) {
+        if local.misses.get() == 0 || stop.has_changed().unwrap_or(true) {
             return;
         }
         // Ready already (the usual case under load): no need to also watch `stop`, whose waiter
@@ -509,6 +606,7 @@ async fn udp_loop(
             None => tokio::select! {
                 biased;
                 _ = stop.changed() => return,
+                _ = local.idle.notified() => continue,
                 g = afd.readable() => g,
             },
         };
@@ -521,7 +619,7 @@ async fn udp_loop(
         };
         // `try_io` clears the readiness only when this very call finds the socket empty, so a
         // datagram that arrived meanwhile is never left unnoticed.
-        let n = match guard.try_io(|_| b.recv(fd)) {
+        let n = match guard.try_io(|_| b.recv(fd, libc::MSG_DONTWAIT)) {
             Err(_would_block) => continue,
             Ok(Ok(n)) => n,
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -532,65 +630,101 @@ async fn udp_loop(
         };
         if n < BATCH {
             // Fewer than asked: the queue ran dry during this call (an error would be pending and
-            // raise a new event), so skip the `recvmmsg` that would only say `EAGAIN`, one syscall
-            // per wake-up at low rates. Safe on this thread's own runtime: the reactor has not run
-            // since `readable()`, so every datagram that arrived after this call raises an epoll
-            // event not yet collected, and `clear_ready` only clears the readiness it was given.
+            // raise a new event), so skip the `recvmmsg` that would only say `EAGAIN`. Safe on this
+            // thread's own runtime: the reactor has not run since `readable()`, so every datagram
+            // that arrived after this call raises an epoll event not yet collected, and
+            // `clear_ready` only clears the readiness it was given.
             guard.clear_ready();
         } else {
             drop(guard);
         }
-        let now = Instant::now();
-        let mut replies = 0;
-        let mut spawned = false;
-        for i in 0..n {
-            let packet = &b.bufs[i][..b.lens[i]];
-            let out = &mut b.replies[replies];
-            match ctx.handler.answer(packet, Proto::Udp, now, out) {
-                Outcome::Reply(a) => {
-                    ctx.recorder.answered(worker, Proto::Udp, &a, packet);
-                    b.reply_to[replies] = i;
-                    replies += 1;
-                }
-                Outcome::Drop => {}
-                Outcome::Forward { .. } => {
-                    let Some(peer) = peer_of(&b.addrs[i]) else {
-                        continue;
-                    };
-                    if !ctx.begin_forward(worker) {
-                        if let Ok(v) = wire::scan_query(packet) {
-                            let a = ctx.handler.fail(&v, rcode::REFUSED, out);
-                            ctx.recorder.answered(worker, Proto::Udp, &a, packet);
-                            b.reply_to[replies] = i;
-                            replies += 1;
-                        }
-                        continue;
-                    }
-                    let packet = packet.to_vec();
-                    let (ctx, sock) = (ctx.clone(), sock.clone());
-                    spawned = true;
-                    tokio::task::spawn_local(async move {
-                        let mut out = Vec::with_capacity(512);
-                        if let Some(a) = ctx.resolve_miss(&packet, Proto::Udp, &mut out).await {
-                            ctx.recorder.answered(worker, Proto::Udp, &a, &packet);
-                            if let Err(e) = sock.send_to(&out, peer) {
-                                tracing::debug!(%peer, error = %e, "udp send");
-                            }
-                        }
-                        ctx.end_forward(worker);
-                    });
-                }
-            }
-        }
-        if replies > 0 {
-            b.send(fd, replies);
-        }
+        let spawned = serve_batch(b, n, sock, ctx, worker, tasks, local);
         since_yield += 1;
         if spawned || since_yield >= YIELD_EVERY {
             // Let the new misses send their upstream queries, and the reactor deliver upstream
             // replies, before the next batch: under a steady stream the socket never runs dry.
             since_yield = 0;
             tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Answers the `n` datagrams in `b`: hits (and local errors) are rendered into the batch's replies
+/// and sent with one `sendmmsg`; each miss becomes a task on `tasks`, which sends its own reply.
+/// Says whether any miss was started.
+fn serve_batch(
+    b: &mut Batch,
+    n: usize,
+    sock: &Arc<StdUdpSocket>,
+    ctx: &Arc<Ctx>,
+    worker: usize,
+    tasks: &tokio::task::LocalSet,
+    local: &Rc<Local>,
+) -> bool {
+    let now = Instant::now();
+    let mut replies = 0;
+    let mut spawned = false;
+    for i in 0..n {
+        let packet = &b.bufs[i][..b.lens[i]];
+        let out = &mut b.replies[replies];
+        match ctx.handler.answer(packet, Proto::Udp, now, out) {
+            Outcome::Reply(a) => {
+                ctx.recorder.answered(worker, Proto::Udp, &a, packet);
+                b.reply_to[replies] = i;
+                replies += 1;
+            }
+            Outcome::Drop => {}
+            Outcome::Forward { .. } => {
+                let Some(peer) = peer_of(&b.addrs[i]) else {
+                    continue;
+                };
+                if !ctx.begin_forward(worker) {
+                    if let Ok(v) = wire::scan_query(packet) {
+                        let a = ctx.handler.fail(&v, rcode::REFUSED, out);
+                        ctx.recorder.answered(worker, Proto::Udp, &a, packet);
+                        b.reply_to[replies] = i;
+                        replies += 1;
+                    }
+                    continue;
+                }
+                let packet = packet.to_vec();
+                let (ctx, sock, local) = (ctx.clone(), sock.clone(), local.clone());
+                spawned = true;
+                local.misses.set(local.misses.get() + 1);
+                tasks.spawn_local(async move {
+                    let _done = MissGuard(&local);
+                    let mut out = Vec::with_capacity(512);
+                    if let Some(a) = ctx.resolve_miss(&packet, Proto::Udp, &mut out).await {
+                        ctx.recorder.answered(worker, Proto::Udp, &a, &packet);
+                        // The socket blocks (for the blocking phase): never wait on a full buffer.
+                        let to = socket2::SockAddr::from(peer);
+                        if let Err(e) =
+                            SockRef::from(&*sock).send_to_with_flags(&out, &to, libc::MSG_DONTWAIT)
+                        {
+                            tracing::debug!(%peer, error = %e, "udp send");
+                        }
+                    }
+                    ctx.end_forward(worker);
+                });
+            }
+        }
+    }
+    if replies > 0 {
+        b.send(sock.as_raw_fd(), replies);
+    }
+    spawned
+}
+
+/// Counts a miss task finished however it ends (cancelled too), and wakes the async phase when it
+/// was the last.
+struct MissGuard<'a>(&'a Local);
+
+impl Drop for MissGuard<'_> {
+    fn drop(&mut self) {
+        let left = self.0.misses.get().saturating_sub(1);
+        self.0.misses.set(left);
+        if left == 0 {
+            self.0.idle.notify_one();
         }
     }
 }

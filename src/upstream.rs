@@ -170,7 +170,14 @@ impl Upstreams {
                 },
             );
         }
-        let pools = servers.iter().map(|&s| TcpPool::new(s)).collect();
+        // The TCP connections live on the runtime that builds this (the main one), not on whichever
+        // UDP worker dials first: a worker's runtime stands still while the worker blocks in
+        // `recvmmsg`, and a connection shared by all workers must keep reading meanwhile.
+        let rt = tokio::runtime::Handle::try_current().ok();
+        let pools = servers
+            .iter()
+            .map(|&s| TcpPool::new(s, rt.clone()))
+            .collect();
         Ok(Upstreams {
             routes,
             servers,
@@ -413,27 +420,37 @@ struct TcpConn {
 /// The (at most one live) TCP connection to a server, re-dialled when it dies.
 struct TcpPool {
     addr: SocketAddr,
+    /// Where the connection's tasks (and its socket's reactor) live; the caller's runtime if none.
+    rt: Option<tokio::runtime::Handle>,
     conn: tokio::sync::Mutex<Option<Arc<TcpConn>>>,
 }
 
 impl TcpPool {
-    fn new(addr: SocketAddr) -> TcpPool {
+    fn new(addr: SocketAddr, rt: Option<tokio::runtime::Handle>) -> TcpPool {
         TcpPool {
             addr,
+            rt,
             conn: tokio::sync::Mutex::new(None),
         }
     }
 
     async fn get(&self) -> Result<Arc<TcpConn>, AttemptError> {
         let mut slot = self.conn.lock().await;
-        // `tx` closed: the connection's tasks are gone (their runtime, a UDP worker's, has ended).
+        // `tx` closed: the connection's tasks are gone (their runtime has ended).
         if let Some(c) = slot.as_ref()
             && !c.closed.load(Ordering::Acquire)
             && !c.tx.is_closed()
         {
             return Ok(c.clone());
         }
-        let c = Arc::new(TcpConn::dial(self.addr).await?);
+        let c = match &self.rt {
+            Some(rt) => rt
+                .spawn(TcpConn::dial(self.addr))
+                .await
+                .map_err(|_| AttemptError::Network)??,
+            None => TcpConn::dial(self.addr).await?,
+        };
+        let c = Arc::new(c);
         *slot = Some(c.clone());
         Ok(c)
     }

@@ -602,6 +602,40 @@ async fn force_tcp_uses_tcp_and_reuses_connections() {
     );
 }
 
+/// The pooled upstream TCP connection (here for truncated UDP answers) is shared by every UDP
+/// worker. A worker with no miss in flight sleeps in a blocking `recvmmsg` and does not drive its
+/// runtime, so the connection must not live on the runtime of the worker that happened to dial it:
+/// queries arriving on the other workers (each from a fresh client port, so `SO_REUSEPORT` spreads
+/// them) would wait on a connection whose reader and writer never run, and time out. (Without
+/// `--force-tcp` the readiness probe goes over UDP, so the first dial is a worker's.)
+#[tokio::test]
+async fn tcp_fallback_connection_serves_every_worker() {
+    let up = FakeUpstream::start().await;
+    for i in 0..40u8 {
+        let name = format!("fw{i}.example");
+        up.set_a(&name, Ipv4Addr::new(10, 5, 0, i), 30);
+        up.set_behavior(&name, Behavior::TruncateUdp);
+    }
+    let node = Nodedns::with_upstream(&up, &["--workers", "4"]).await;
+    for i in 0..40u8 {
+        let name = format!("fw{i}.example");
+        let q = build_query(&name, RecordType::A, None, false);
+        let raw = q.to_vec().unwrap();
+        let reply = udp_exchange_raw(node.addr, &raw, Duration::from_secs(3))
+            .await
+            .unwrap_or_else(|| panic!("no reply for {name} (query {i} of 40) within 3 s"));
+        let m = Message::from_vec(&reply).unwrap();
+        assert_eq!(m.response_code, ResponseCode::NoError, "{name}");
+        assert_eq!(a_addrs(&m), vec![Ipv4Addr::new(10, 5, 0, i)], "{name}");
+    }
+    assert_eq!(up.tcp_queries(), 40);
+    assert!(
+        up.tcp_connections() <= 2,
+        "one connection shared by the workers, not {}",
+        up.tcp_connections()
+    );
+}
+
 #[tokio::test]
 async fn upstream_timeout_gives_servfail_within_deadline() {
     let up = FakeUpstream::start().await;
