@@ -6,7 +6,7 @@
 //! While it has no miss in flight it sleeps in a blocking `recvmmsg`, so a wake-up costs two system
 //! calls and no runtime; misses become tasks on the same thread's runtime, which forward them and
 //! send the reply from the same socket, and while any is in flight the loop reads through the
-//! runtime's reactor instead (see [`udp_worker`]). Keeping a miss on the thread that received it
+//! runtime's reactor instead (see `udp_worker`). Keeping a miss on the thread that received it
 //! matters: handing it to another thread's runtime cost a cross-thread wake-up and context switches
 //! per miss, which on one CPU made a miss ~40% dearer than in unbound (see `bench/README.md`). The
 //! kernel dominates, so the loop batches and does nothing else.
