@@ -138,6 +138,8 @@ unbound-checkconf "$TMP/unbound.conf" >/dev/null
 
 now_ns() { date +%s%N; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# Times the server's threads went to sleep and were woken (voluntary context switches, all threads).
+wakeups() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '$1 == "voluntary_ctxt_switches:" { n += $2 } END { print n + 0 }'; }
 status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 field() { sed -n "s/.*\b$1=\([0-9.]*\).*/\1/p" <<<"$2"; }
 
@@ -167,13 +169,16 @@ start() {
 
 # measure NAME CMD...: runs a load command on LOAD_CPU, sets OUT and CPU (server cores used).
 measure() {
-    local c0 c1 t0 t1
+    local c0 c1 t0 t1 w0 w1
     shift
     c0=$(cpu_ticks "$PID")
+    w0=$(wakeups "$PID")
     t0=$(now_ns)
     OUT=$(taskset -c "$LOAD_CPU" "$@" 2>&1)
     t1=$(now_ns)
     c1=$(cpu_ticks "$PID")
+    w1=$(wakeups "$PID")
+    WAKES=$(awk -v w="$((w1 - w0))" -v ns="$((t1 - t0))" 'BEGIN { printf "%.0f", w / (ns / 1e9) }')
     CPU=$(awk -v c="$((c1 - c0))" -v hz="$CLK_TCK" -v ns="$((t1 - t0))" 'BEGIN { printf "%.3f", c / hz / (ns / 1e9) }')
 }
 
@@ -182,7 +187,7 @@ loadgen() { "$LOADGEN" --server "$LOOP:$PORT" "$@"; }
 declare -A R
 # Every cell starts empty, so a subset of WORKLOADS still prints the table (set -u).
 for s in nodedns unbound; do
-    for k in start_ms idle_rss hot_qps hot_cpu hot_lat hot_lost fixed_qps fixed_cpu fixed_lat fixed_lost \
+    for k in start_ms idle_rss hot_qps hot_cpu hot_lat hot_lost fixed_qps fixed_cpu fixed_wakes fixed_lat fixed_lost \
         mixed_qps mixed_cpu mixed_lat mixed_lost fill_lost rss_100k peak_rss; do
         R[$s.$k]=
     done
@@ -212,6 +217,7 @@ run_server() {
         measure "$s" dnsperf -s $LOOP -p "$PORT" -d "$TMP/hot.txt" -l "$DURATION" -Q 20000
         R[$s.fixed_qps]=$(awk '/Queries per second:/ { print $4 }' <<<"$OUT")
         R[$s.fixed_cpu]=$CPU
+        R[$s.fixed_wakes]=$WAKES
         R[$s.fixed_lat]=$(awk '/Average Latency \(s\):/ { printf "%.1f", $4 * 1e6 }' <<<"$OUT")
         R[$s.fixed_lost]=$(awk '/Queries lost:/ { print $3 }' <<<"$OUT")
         echo "$s fixed: qps=${R[$s.fixed_qps]} avg_us=${R[$s.fixed_lat]} lost=${R[$s.fixed_lost]} cpu=$CPU" >&2
@@ -266,6 +272,7 @@ row "hot set saturated: avg latency (us)" "${R[nodedns.hot_lat]}" "${R[unbound.h
 row "hot set saturated: lost" "${R[nodedns.hot_lost]}" "${R[unbound.hot_lost]}"
 row "fixed 20k qps: qps" "${R[nodedns.fixed_qps]}" "${R[unbound.fixed_qps]}"
 row "fixed 20k qps: server CPU (cores)" "${R[nodedns.fixed_cpu]}" "${R[unbound.fixed_cpu]}"
+row "fixed 20k qps: server wake-ups per second" "${R[nodedns.fixed_wakes]}" "${R[unbound.fixed_wakes]}"
 row "fixed 20k qps: avg latency (us)" "${R[nodedns.fixed_lat]}" "${R[unbound.fixed_lat]}"
 row "fixed 20k qps: lost" "${R[nodedns.fixed_lost]}" "${R[unbound.fixed_lost]}"
 row "mixed 90/10: qps" "${R[nodedns.mixed_qps]}" "${R[unbound.mixed_qps]}"
