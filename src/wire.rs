@@ -424,7 +424,7 @@ pub enum ResponseError {
 /// question it was found for (the cache indexes entries by a 64-bit hash of the key).
 #[derive(Debug, Clone)]
 pub struct Response {
-    buf: Arc<[u8]>,
+    buf: Storage,
     msg_len: u32,
     n_ttls: u16,
     /// Offset just past the question.
@@ -571,7 +571,7 @@ impl Response {
         }
         bytes.extend_from_slice(view.key.name());
         Ok(Response {
-            buf: Arc::from(bytes),
+            buf: Storage::new(bytes),
             msg_len: msg_len as u32,
             n_ttls: ttls.len() as u16,
             question_end: qend as u16,
@@ -617,7 +617,71 @@ impl Response {
 
     /// Memory this response holds, for the cache's byte budget.
     pub fn weight(&self) -> usize {
-        std::mem::size_of::<Self>() + self.buf.len()
+        std::mem::size_of::<Self>() + self.buf.heap_bytes()
+    }
+}
+
+/// Bytes of message, TTL offsets and key name kept inside the [`Response`] itself; a larger block
+/// goes to the heap. Sized so a `Response` is three cache lines (192 bytes): an A or AAAA answer for a
+/// cluster name of up to ~40 bytes (header, question, one or two records, TTL offsets, the key) is
+/// 110-140 bytes. Four lines would inline longer names too, but every cached entry pays the size:
+/// with 100k entries that was 3 MB more than the heap blocks it saved (bench/README.md).
+const INLINE: usize = 142;
+
+/// A response's bytes: inline when small (most answers), else one shared heap block.
+///
+/// Inline is for speed (see `bench/README.md`): the cache keeps a `Response` by value in its slot,
+/// so a hit on an inline response reads the slot and nothing else, one dependent memory access
+/// fewer than following a pointer (each is a cache and TLB miss once the cache outgrows the CPU
+/// caches), and cloning it is a copy of three cache lines with no atomic reference count shared by
+/// every thread serving the same hot name.
+#[derive(Clone)]
+enum Storage {
+    Inline { len: u8, data: [u8; INLINE] },
+    Shared(Arc<[u8]>),
+}
+
+impl Storage {
+    fn new(bytes: Vec<u8>) -> Storage {
+        if bytes.len() <= INLINE && bytes.len() <= usize::from(u8::MAX) {
+            let mut data = [0u8; INLINE];
+            data[..bytes.len()].copy_from_slice(&bytes);
+            Storage::Inline {
+                len: bytes.len() as u8,
+                data,
+            }
+        } else {
+            Storage::Shared(Arc::from(bytes))
+        }
+    }
+
+    /// Memory held outside the `Response` (the shared block and its two counters).
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Storage::Inline { .. } => 0,
+            Storage::Shared(b) => b.len() + 2 * std::mem::size_of::<usize>(),
+        }
+    }
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    #[inline]
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Inline { len, data } => &data[..usize::from(*len)],
+            Storage::Shared(b) => b,
+        }
+    }
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            Storage::Inline { .. } => "inline",
+            Storage::Shared(_) => "shared",
+        };
+        write!(f, "{kind} {} bytes", self.len())
     }
 }
 

@@ -488,3 +488,46 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn response_is_three_cache_lines() {
+    assert!(
+        std::mem::size_of::<Response>() <= 192,
+        "Response grew to {} bytes",
+        std::mem::size_of::<Response>()
+    );
+}
+
+/// Small responses live inside the `Response` (no heap block), large ones in a shared block; both
+/// serve the same bytes, TTL offsets and key. Record counts around the inline size are all tried, so
+/// the boundary itself is covered.
+#[test]
+fn inline_and_shared_storage_serve_alike() {
+    let t = t0();
+    let q = query(9, "Storage.Example.", RecordType::A, None);
+    let v = scan_query(&q).unwrap();
+    let (mut inline, mut shared) = (0, 0);
+    for n in 1..=16usize {
+        let ttls: Vec<u32> = (0..n as u32).map(|i| 100 + i).collect();
+        let resp =
+            Response::from_upstream(&a_reply(&build_q(&v, 5), &ttls), 5, &v, &policy(), t).unwrap();
+        let heap = resp.weight() - std::mem::size_of::<Response>();
+        if heap == 0 {
+            inline += 1;
+        } else {
+            shared += 1;
+            assert!(heap >= resp.bytes().len(), "n={n}: heap {heap}");
+        }
+        assert!(resp.answers(&v.key), "n={n}");
+        assert_eq!(resp.ttl_offsets().count(), n, "n={n}");
+        let mut out = Vec::new();
+        render(&resp, &v, t + Duration::from_secs(3), 65535, &mut out);
+        let m = Message::from_vec(&out).unwrap();
+        assert_eq!(m.metadata.id, 9);
+        assert_eq!(m.queries[0].name().to_ascii(), "Storage.Example.");
+        let got: Vec<u32> = m.answers.iter().map(|r| r.ttl).collect();
+        let want: Vec<u32> = ttls.iter().map(|t| (*t).min(30) - 3).collect();
+        assert_eq!(got, want, "n={n}");
+    }
+    assert!(inline > 0 && shared > 0, "inline {inline}, shared {shared}");
+}
