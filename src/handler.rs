@@ -112,19 +112,15 @@ impl Handler {
             // A cache serves no zone transfers, and classes other than IN have no upstream here.
             return local(rcode::REFUSED.into(), out);
         }
-        match self.cache.get(&view.key, now) {
-            Some(hit) => {
-                wire::render(&hit.response, &view, now, limit_for(&view, proto), out);
-                Outcome::Reply(Answered {
-                    qtype,
-                    rcode: hit.response.rcode,
-                    source: Source::Cache {
-                        negative: hit.negative,
-                    },
-                })
-            }
-            None => Outcome::Forward { qtype },
-        }
+        let hit = self.cache.with_hit(&view.key, now, |response, negative| {
+            wire::render(response, &view, now, limit_for(&view, proto), out);
+            Outcome::Reply(Answered {
+                qtype,
+                rcode: response.rcode,
+                source: Source::Cache { negative },
+            })
+        });
+        hit.unwrap_or(Outcome::Forward { qtype })
     }
 
     /// Finishes a miss: validates the upstream `reply` to `view`'s query (sent upstream with ID

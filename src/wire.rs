@@ -414,10 +414,11 @@ pub enum ResponseError {
 /// entry's lifetime, so serving only has to subtract the age at the recorded TTL offsets.
 ///
 /// Layout, for speed (see `bench/README.md`): the message bytes, the TTL offsets (2 bytes each,
-/// native order) and the cache key's lowercased name share **one** reference-counted block, `buf`,
-/// and the small fields below sit inline, so the cache stores a `Response` by value in its slot and
-/// cloning one is a copy plus one atomic increment. A cache hit then touches the cache slot and one
-/// contiguous block, instead of chasing an `Arc<Response>` and then three separate allocations
+/// native order) and the cache key's lowercased name share **one** block, `buf`: inside the
+/// `Response` itself when they fit (most answers, see [`Storage`]), else one reference-counted heap
+/// block. The small fields below sit inline, so the cache stores a `Response` by value in its slot.
+/// A cache hit then touches the cache slot and at most one contiguous block, instead of chasing an
+/// `Arc<Response>` and then three separate allocations
 /// (message, offsets, key name): each chase is a cache and TLB miss once the cache outgrows the CPU
 /// caches, which made hits with 100k entries three times slower than with 1k. An entry is one
 /// allocation instead of four. The key is kept so the cache can check that an entry answers the
