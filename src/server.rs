@@ -566,7 +566,9 @@ fn udp_worker(
                 continue;
             }
             Err(e) => {
+                // Unexpected (ENOMEM, say): back off briefly rather than spin and flood the log.
                 tracing::warn!(error = %e, "udp receive");
+                std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
