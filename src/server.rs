@@ -627,6 +627,7 @@ async fn udp_async(
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "udp receive");
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
