@@ -320,10 +320,7 @@ impl Listeners {
             // Wakes a worker blocked in `recvmmsg` (it returns at once from now on), which then sees
             // the stop. On an unconnected UDP socket Linux reports ENOTCONN but does shut the read
             // side, so the result is ignored.
-            // SAFETY: shutdown on a descriptor this `Arc` keeps open; no memory is passed.
-            unsafe {
-                libc::shutdown(s.as_raw_fd(), libc::SHUT_RD);
-            }
+            let _ = SockRef::from(&**s).shutdown(std::net::Shutdown::Read);
         }
         for t in self.tcp_tasks {
             let _ = t.await;
@@ -523,16 +520,15 @@ struct Local {
 fn udp_worker(
     sock: Arc<StdUdpSocket>,
     ctx: Arc<Ctx>,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
     worker: usize,
     rt: tokio::runtime::Runtime,
 ) {
-    let fd = sock.as_raw_fd();
     let afd = {
         let _in_rt = rt.enter();
         // SAFETY: the `Arc` inside the `AsyncFd` keeps the socket, and so its descriptor, open for
         // the `AsyncFd`'s whole life, and `as_raw_fd` on it always returns that descriptor.
-        match unsafe { AsyncFd::register_with_interest(sock.clone(), Interest::READABLE) } {
+        match unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) } {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "udp worker: cannot register the socket");
@@ -540,21 +536,21 @@ fn udp_worker(
             }
         }
     };
-    let tasks = tokio::task::LocalSet::new();
-    let local = Rc::new(Local::default());
+    let w = Worker {
+        afd,
+        ctx,
+        worker,
+        tasks: tokio::task::LocalSet::new(),
+        local: Rc::default(),
+    };
     let mut b = Batch::new();
     // A dropped sender counts as a stop.
-    let stopped = |s: &watch::Receiver<bool>| s.has_changed().unwrap_or(true);
-    while !stopped(&stop) {
-        if local.misses.get() > 0 {
-            let mut stop = stop.clone();
-            tasks.block_on(
-                &rt,
-                udp_async(&afd, &sock, &ctx, &mut stop, worker, &tasks, &local, &mut b),
-            );
+    while !stop.has_changed().unwrap_or(true) {
+        if w.local.misses.get() > 0 {
+            w.tasks.block_on(&rt, w.serve_async(&mut b, &mut stop));
             continue;
         }
-        let n = match b.recv(fd, libc::MSG_WAITFORONE) {
+        let n = match b.recv(w.fd(), libc::MSG_WAITFORONE) {
             Ok(n) => n,
             // EAGAIN: the receive timeout, a backstop for noticing `stop`.
             Err(e)
@@ -572,150 +568,153 @@ fn udp_worker(
                 continue;
             }
         };
-        serve_batch(&mut b, n, &sock, &ctx, worker, &tasks, &local);
+        w.serve_batch(&mut b, n);
     }
-    drop(afd);
     // Let the misses in flight finish.
-    rt.block_on(tasks);
+    rt.block_on(w.tasks);
 }
 
-/// The async phase of [`udp_worker`]: receive a batch through the reactor, answer hits in place,
-/// start a local task per miss, send the batch. Returns when this worker has no miss in flight, or
-/// on `stop`.
-#[allow(clippy::too_many_arguments)]
-async fn udp_async(
-    afd: &AsyncFd<Arc<StdUdpSocket>>,
-    sock: &Arc<StdUdpSocket>,
-    ctx: &Arc<Ctx>,
-    stop: &mut watch::Receiver<bool>,
+/// One UDP worker's parts, shared by its two phases.
+struct Worker {
+    /// The worker's socket, registered with its runtime's reactor (for the async phase).
+    afd: AsyncFd<Arc<StdUdpSocket>>,
+    ctx: Arc<Ctx>,
+    /// Index for per-worker metrics.
     worker: usize,
-    tasks: &tokio::task::LocalSet,
-    local: &Rc<Local>,
-    b: &mut Batch,
-) {
-    let fd = sock.as_raw_fd();
-    // Let the misses just started send their upstream queries first.
-    tokio::task::yield_now().await;
-    let mut since_yield = 0;
-    loop {
-        if local.misses.get() == 0 || stop.has_changed().unwrap_or(true) {
-            return;
-        }
-        // Ready already (the usual case under load): no need to also watch `stop`, whose waiter
-        // would be registered and removed again on every batch.
-        let ready = match afd.readable().now_or_never() {
-            Some(r) => r,
-            None => tokio::select! {
-                biased;
-                _ = stop.changed() => return,
-                _ = local.idle.notified() => continue,
-                g = afd.readable() => g,
-            },
-        };
-        let mut guard = match ready {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!(error = %e, "udp worker: reactor");
+    /// The miss tasks, run only while the thread drives its runtime.
+    tasks: tokio::task::LocalSet,
+    local: Rc<Local>,
+}
+
+impl Worker {
+    fn fd(&self) -> i32 {
+        self.afd.get_ref().as_raw_fd()
+    }
+
+    /// The async phase of [`udp_worker`]: receive a batch through the reactor, answer hits in
+    /// place, start a local task per miss, send the batch. Returns when this worker has no miss in
+    /// flight, or on `stop`.
+    async fn serve_async(&self, b: &mut Batch, stop: &mut watch::Receiver<bool>) {
+        // Let the misses just started send their upstream queries first.
+        tokio::task::yield_now().await;
+        let mut since_yield = 0;
+        loop {
+            if self.local.misses.get() == 0 || stop.has_changed().unwrap_or(true) {
                 return;
             }
-        };
-        // `try_io` clears the readiness only when this very call finds the socket empty, so a
-        // datagram that arrived meanwhile is never left unnoticed.
-        let n = match guard.try_io(|_| b.recv(fd, libc::MSG_DONTWAIT)) {
-            Err(_would_block) => continue,
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "udp receive");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        if n < BATCH {
-            // Fewer than asked: the queue ran dry during this call (an error would be pending and
-            // raise a new event), so skip the `recvmmsg` that would only say `EAGAIN`. Safe on this
-            // thread's own runtime: the reactor has not run since `readable()`, so every datagram
-            // that arrived after this call raises an epoll event not yet collected, and
-            // `clear_ready` only clears the readiness it was given.
-            guard.clear_ready();
-        } else {
-            drop(guard);
-        }
-        let spawned = serve_batch(b, n, sock, ctx, worker, tasks, local);
-        since_yield += 1;
-        if spawned || since_yield >= YIELD_EVERY {
-            // Let the new misses send their upstream queries, and the reactor deliver upstream
-            // replies, before the next batch: under a steady stream the socket never runs dry.
-            since_yield = 0;
-            tokio::task::yield_now().await;
-        }
-    }
-}
-
-/// Answers the `n` datagrams in `b`: hits (and local errors) are rendered into the batch's replies
-/// and sent with one `sendmmsg`; each miss becomes a task on `tasks`, which sends its own reply.
-/// Says whether any miss was started.
-fn serve_batch(
-    b: &mut Batch,
-    n: usize,
-    sock: &Arc<StdUdpSocket>,
-    ctx: &Arc<Ctx>,
-    worker: usize,
-    tasks: &tokio::task::LocalSet,
-    local: &Rc<Local>,
-) -> bool {
-    let now = Instant::now();
-    let mut replies = 0;
-    let mut spawned = false;
-    for i in 0..n {
-        let packet = &b.bufs[i][..b.lens[i]];
-        let out = &mut b.replies[replies];
-        match ctx.handler.answer(packet, Proto::Udp, now, out) {
-            Outcome::Reply(a) => {
-                ctx.recorder.answered(worker, Proto::Udp, &a, packet);
-                b.reply_to[replies] = i;
-                replies += 1;
-            }
-            Outcome::Drop => {}
-            Outcome::Forward { .. } => {
-                let Some(peer) = peer_of(&b.addrs[i]) else {
-                    continue;
-                };
-                if !ctx.begin_forward(worker) {
-                    if let Ok(v) = wire::scan_query(packet) {
-                        let a = ctx.handler.fail(&v, rcode::REFUSED, out);
-                        ctx.recorder.answered(worker, Proto::Udp, &a, packet);
-                        b.reply_to[replies] = i;
-                        replies += 1;
-                    }
+            // Ready already (the usual case under load): no need to also watch `stop`, whose
+            // waiter would be registered and removed again on every batch.
+            let ready = match self.afd.readable().now_or_never() {
+                Some(r) => r,
+                None => tokio::select! {
+                    biased;
+                    _ = stop.changed() => return,
+                    _ = self.local.idle.notified() => continue,
+                    g = self.afd.readable() => g,
+                },
+            };
+            let mut guard = match ready {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(error = %e, "udp worker: reactor");
+                    return;
+                }
+            };
+            // `try_io` clears the readiness only when this very call finds the socket empty, so a
+            // datagram that arrived meanwhile is never left unnoticed.
+            let n = match guard.try_io(|_| b.recv(self.fd(), libc::MSG_DONTWAIT)) {
+                Err(_would_block) => continue,
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "udp receive");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
-                let packet = packet.to_vec();
-                let (ctx, sock, local) = (ctx.clone(), sock.clone(), local.clone());
-                spawned = true;
-                local.misses.set(local.misses.get() + 1);
-                tasks.spawn_local(async move {
-                    let _done = MissGuard(&local);
-                    let mut out = Vec::with_capacity(512);
-                    if let Some(a) = ctx.resolve_miss(&packet, Proto::Udp, &mut out).await {
-                        ctx.recorder.answered(worker, Proto::Udp, &a, &packet);
-                        // The socket blocks (for the blocking phase): never wait on a full buffer.
-                        let to = socket2::SockAddr::from(peer);
-                        if let Err(e) =
-                            SockRef::from(&*sock).send_to_with_flags(&out, &to, libc::MSG_DONTWAIT)
-                        {
-                            tracing::debug!(%peer, error = %e, "udp send");
-                        }
-                    }
-                    ctx.end_forward(worker);
-                });
+            };
+            if n < BATCH {
+                // Fewer than asked: the queue ran dry during this call (an error would be pending
+                // and raise a new event), so skip the `recvmmsg` that would only say `EAGAIN`.
+                // Safe on this thread's own runtime: the reactor has not run since `readable()`,
+                // so every datagram that arrived after this call raises an epoll event not yet
+                // collected, and `clear_ready` only clears the readiness it was given.
+                guard.clear_ready();
+            } else {
+                drop(guard);
+            }
+            let spawned = self.serve_batch(b, n);
+            since_yield += 1;
+            if spawned || since_yield >= YIELD_EVERY {
+                // Let the new misses send their upstream queries, and the reactor deliver upstream
+                // replies, before the next batch: under a steady stream the socket never runs dry.
+                since_yield = 0;
+                tokio::task::yield_now().await;
             }
         }
     }
-    if replies > 0 {
-        b.send(sock.as_raw_fd(), replies);
+
+    /// Answers the `n` datagrams in `b`: hits (and local errors) are rendered into the batch's
+    /// replies and sent with one `sendmmsg`; each miss becomes a task on `tasks`, which sends its
+    /// own reply. Says whether any miss was started.
+    fn serve_batch(&self, b: &mut Batch, n: usize) -> bool {
+        let (ctx, worker) = (&self.ctx, self.worker);
+        let now = Instant::now();
+        let mut replies = 0;
+        let mut spawned = false;
+        for i in 0..n {
+            let packet = &b.bufs[i][..b.lens[i]];
+            let out = &mut b.replies[replies];
+            match ctx.handler.answer(packet, Proto::Udp, now, out) {
+                Outcome::Reply(a) => {
+                    ctx.recorder.answered(worker, Proto::Udp, &a, packet);
+                    b.reply_to[replies] = i;
+                    replies += 1;
+                }
+                Outcome::Drop => {}
+                Outcome::Forward { .. } => {
+                    let Some(peer) = peer_of(&b.addrs[i]) else {
+                        continue;
+                    };
+                    if !ctx.begin_forward(worker) {
+                        if let Ok(v) = wire::scan_query(packet) {
+                            let a = ctx.handler.fail(&v, rcode::REFUSED, out);
+                            ctx.recorder.answered(worker, Proto::Udp, &a, packet);
+                            b.reply_to[replies] = i;
+                            replies += 1;
+                        }
+                        continue;
+                    }
+                    let packet = packet.to_vec();
+                    let (ctx, sock, local) =
+                        (ctx.clone(), self.afd.get_ref().clone(), self.local.clone());
+                    spawned = true;
+                    local.misses.set(local.misses.get() + 1);
+                    self.tasks.spawn_local(async move {
+                        let _done = MissGuard(&local);
+                        let mut out = Vec::with_capacity(512);
+                        if let Some(a) = ctx.resolve_miss(&packet, Proto::Udp, &mut out).await {
+                            ctx.recorder.answered(worker, Proto::Udp, &a, &packet);
+                            // The socket blocks (for the blocking phase): never wait on a full
+                            // buffer.
+                            let to = socket2::SockAddr::from(peer);
+                            if let Err(e) = SockRef::from(&*sock).send_to_with_flags(
+                                &out,
+                                &to,
+                                libc::MSG_DONTWAIT,
+                            ) {
+                                tracing::debug!(%peer, error = %e, "udp send");
+                            }
+                        }
+                        ctx.end_forward(worker);
+                    });
+                }
+            }
+        }
+        if replies > 0 {
+            b.send(self.fd(), replies);
+        }
+        spawned
     }
-    spawned
 }
 
 /// Counts a miss task finished however it ends (cancelled too), and wakes the async phase when it
