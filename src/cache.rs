@@ -164,12 +164,6 @@ pub struct Cache {
     hasher: DefaultHashBuilder,
 }
 
-/// A cache hit.
-pub struct Hit {
-    pub response: Response,
-    pub negative: bool,
-}
-
 impl Cache {
     pub fn new(limits: Limits) -> Cache {
         Cache {
@@ -184,16 +178,9 @@ impl Cache {
         self.hasher.hash_one(KeyRef(key))
     }
 
-    /// Looks up a fresh entry. An expired one is a miss (and is left for the refill to replace).
-    pub fn get(&self, key: &KeyBuf, now: Instant) -> Option<Hit> {
-        self.with_hit(key, now, |r, negative| Hit {
-            response: r.clone(),
-            negative,
-        })
-    }
-
-    /// Looks up a fresh entry and hands it to `f` (with whether it is negative) by reference: the
-    /// hit path renders straight from the copy the cache hands out, with no further move of it.
+    /// Looks up a fresh entry (an expired one is a miss, left for the refill to replace) and hands it
+    /// to `f` by reference, with whether it is negative: the hit path renders straight from the copy
+    /// the cache hands out, with no further move of it.
     #[inline]
     pub fn with_hit<R>(
         &self,

@@ -2,7 +2,7 @@
 //! forward. This is the hit path, top to bottom; it does no I/O and takes `now` as an argument.
 //!
 //! ```text
-//! bytes ─► wire::scan_query ─► policy checks ─► cache.get(key, now) ─► wire::render ─► reply bytes
+//! bytes ─► wire::scan_query ─► policy checks ─► cache.with_hit(key, now) ─► wire::render ─► reply bytes
 //!                                                     └─ miss ─► Outcome::Forward (server spawns the
 //!                                                                upstream exchange, then `complete`)
 //! ```
