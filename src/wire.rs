@@ -628,6 +628,8 @@ impl Response {
 /// 110-140 bytes. Four lines would inline longer names too, but every cached entry pays the size:
 /// with 100k entries that was 3 MB more than the heap blocks it saved (bench/README.md).
 const INLINE: usize = 142;
+// The inline length is a `u8`.
+const _: () = assert!(INLINE <= u8::MAX as usize);
 
 /// A response's bytes: inline when small (most answers), else one shared heap block.
 ///
@@ -644,7 +646,7 @@ enum Storage {
 
 impl Storage {
     fn new(bytes: Vec<u8>) -> Storage {
-        if bytes.len() <= INLINE && bytes.len() <= usize::from(u8::MAX) {
+        if bytes.len() <= INLINE {
             let mut data = [0u8; INLINE];
             data[..bytes.len()].copy_from_slice(&bytes);
             Storage::Inline {
