@@ -541,6 +541,21 @@ impl NsNodedns {
         }
     }
 
+    /// Waits for a startup failure the test expects and returns its one error line (the binary's
+    /// `nodedns: …` line or an ERROR log line), asserting the exit is non-zero and that there is
+    /// exactly one such line.
+    pub fn expect_one_error_line(&mut self) -> String {
+        let st = self.expect_exit();
+        let stderr = self.stderr_text();
+        assert!(!st.success(), "must fail: {stderr}");
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("nodedns: ") || l.contains("ERROR"))
+            .collect();
+        assert_eq!(errors.len(), 1, "one error line expected:\n{stderr}");
+        errors[0].to_string()
+    }
+
     /// SIGTERM, then waits (bounded) for the exit; panics if it does not come.
     pub fn terminate(&mut self) -> ExitStatus {
         let _ = kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM);
@@ -709,15 +724,11 @@ fn dummy_link_kind_works_or_names_link_kind_bridge() {
     // No dummy here: the default (dummy) fails with one line pointing at --link-kind bridge,
     // and nothing is left behind.
     let mut node = NsNodedns::spawn(&ns, &args(&upstream, &[]), &[]);
-    let st = node.expect_exit();
-    let stderr = node.stderr_text();
-    assert!(!st.success(), "must fail without dummy support: {stderr}");
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("--link-kind bridge"))
-        .collect();
-    assert_eq!(lines.len(), 1, "one error line expected:\n{stderr}");
-    assert!(lines[0].starts_with("nodedns: "), "{stderr}");
+    let line = node.expect_one_error_line();
+    assert!(
+        line.starts_with("nodedns: ") && line.contains("--link-kind bridge"),
+        "{line}"
+    );
     assert!(!ns.link_exists(LINK), "no link may be left behind");
     assert_eq!(ns.nodedns_rule_count(), 0);
 }
@@ -1127,17 +1138,10 @@ fn without_setup_interface_the_address_must_exist() {
 
     // Absent: one clear line, non-zero, nothing created.
     let mut node = NsNodedns::spawn(&ns, &a, &[]);
-    let st = node.expect_exit();
-    let stderr = node.stderr_text();
-    assert!(!st.success(), "{stderr}");
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("nodedns: ") || l.contains("ERROR"))
-        .collect();
-    assert_eq!(errors.len(), 1, "one error line expected:\n{stderr}");
+    let line = node.expect_one_error_line();
     assert!(
-        errors[0].contains(LOCAL) && errors[0].contains("--setup-interface"),
-        "{stderr}"
+        line.contains(LOCAL) && line.contains("--setup-interface"),
+        "{line}"
     );
     assert!(!ns.link_exists(LINK));
     assert_eq!(ns.nodedns_rule_count(), 0);
@@ -1185,15 +1189,8 @@ fn without_cap_net_admin_setup_fails_in_one_line_naming_it() {
         &args(&upstream, &["--link-kind", "bridge"]),
         &[],
     );
-    let st = node.expect_exit();
-    let stderr = node.stderr_text();
-    assert!(!st.success(), "{stderr}");
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("nodedns: ") || l.contains("ERROR"))
-        .collect();
-    assert_eq!(errors.len(), 1, "one error line expected:\n{stderr}");
-    assert!(errors[0].contains("CAP_NET_ADMIN"), "{stderr}");
+    let line = node.expect_one_error_line();
+    assert!(line.contains("CAP_NET_ADMIN"), "{line}");
     assert!(!ns.link_exists(LINK));
     assert_eq!(ns.nodedns_rule_count(), 0);
 
