@@ -11,6 +11,8 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 
 pub use crate::logging::LogFormat;
+
+pub mod model;
 use thiserror::Error;
 
 use crate::cache::Limits;
