@@ -39,7 +39,8 @@ pub enum Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answered {
     pub qtype: u16,
-    pub rcode: u8,
+    /// The full 12-bit rcode (BADVERS is 16: its upper bits travel in the OPT record).
+    pub rcode: u16,
     pub source: Source,
 }
 
@@ -78,7 +79,7 @@ impl Handler {
                 wire::render_formerr_header(id, flags, out);
                 return Outcome::Reply(Answered {
                     qtype: 0,
-                    rcode: rcode::FORMERR,
+                    rcode: rcode::FORMERR.into(),
                     source: Source::Local,
                 });
             }
@@ -88,7 +89,7 @@ impl Handler {
             wire::render_error(&view, rc, out);
             Outcome::Reply(Answered {
                 qtype,
-                rcode: (rc & 0xF) as u8,
+                rcode: rc.into(),
                 source: Source::Local,
             })
         };
@@ -116,7 +117,7 @@ impl Handler {
             wire::render(response, &view, now, limit_for(&view, proto), out);
             Outcome::Reply(Answered {
                 qtype,
-                rcode: response.rcode,
+                rcode: response.rcode.into(),
                 source: Source::Cache { negative },
             })
         });
@@ -150,7 +151,7 @@ impl Handler {
         wire::render(resp, view, now, limit_for(view, proto), out);
         Answered {
             qtype: view.key.qtype,
-            rcode: resp.rcode,
+            rcode: resp.rcode.into(),
             source: Source::Upstream,
         }
     }
@@ -160,7 +161,7 @@ impl Handler {
         wire::render_error(view, rc.into(), out);
         Answered {
             qtype: view.key.qtype,
-            rcode: rc,
+            rcode: rc.into(),
             source: Source::Local,
         }
     }

@@ -163,8 +163,8 @@ const QTYPE_LABELS: [&str; 13] = [
 const N_QTYPES: usize = QTYPE_LABELS.len();
 
 /// Response code labels; the index is what [`rcode_index`] returns.
-const RCODE_LABELS: [&str; 7] = [
-    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "other",
+const RCODE_LABELS: [&str; 8] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "BADVERS", "other",
 ];
 const N_RCODES: usize = RCODE_LABELS.len();
 const N_REQUEST_SLOTS: usize = 2 * N_QTYPES * N_RCODES;
@@ -191,15 +191,16 @@ fn qtype_index(qtype: u16) -> usize {
 
 /// Maps a wire rcode to its label index (`other` for anything not listed).
 #[inline]
-fn rcode_index(rcode: u8) -> usize {
+fn rcode_index(rcode: u16) -> usize {
     match rcode {
         0..=5 => rcode as usize,
-        _ => 6,
+        16 => 6,
+        _ => 7,
     }
 }
 
 #[inline]
-fn request_slot(proto: Proto, qtype: u16, rcode: u8) -> usize {
+fn request_slot(proto: Proto, qtype: u16, rcode: u16) -> usize {
     (proto as usize * N_QTYPES + qtype_index(qtype)) * N_RCODES + rcode_index(rcode)
 }
 
@@ -258,7 +259,7 @@ impl WorkerCounters {
 
     /// Counts one answered request. `qtype` and `rcode` are raw wire values.
     #[inline]
-    pub fn request(&self, proto: Proto, qtype: u16, rcode: u8) {
+    pub fn request(&self, proto: Proto, qtype: u16, rcode: u16) {
         self.requests[request_slot(proto, qtype, rcode)].fetch_add(1, Relaxed);
     }
 
@@ -427,7 +428,7 @@ impl Metrics {
 
     /// Counts one answered request; `qtype`/`rcode` are raw wire values.
     #[inline]
-    pub fn request(&self, worker: usize, proto: Proto, qtype: u16, rcode: u8) {
+    pub fn request(&self, worker: usize, proto: Proto, qtype: u16, rcode: u16) {
         self.worker(worker).request(proto, qtype, rcode);
     }
 
@@ -813,7 +814,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for proto in Proto::ALL {
             for qt in [1u16, 28, 12, 33, 5, 15, 16, 2, 6, 65, 64, 255, 99] {
-                for rc in 0u8..=6 {
+                for rc in [0u16, 1, 2, 3, 4, 5, 16, 6] {
                     assert!(seen.insert(request_slot(proto, qt, rc)));
                 }
             }
@@ -824,6 +825,11 @@ mod tests {
         assert_eq!(
             request_slot(Proto::Tcp, 4242, 200),
             request_slot(Proto::Tcp, 99, 6)
+        );
+        // BADVERS (16) has its own label: its low four bits read as NOERROR.
+        assert_ne!(
+            request_slot(Proto::Udp, 1, 16),
+            request_slot(Proto::Udp, 1, 0)
         );
     }
 

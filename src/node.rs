@@ -110,24 +110,10 @@ impl Node {
         let firewall = (backend != Backend::None).then(|| {
             // Rules for the IPs on nodedns's link; with an explicit backend and nothing on the link,
             // for every listen IP.
-            let addrs = if on_link.is_empty() {
-                ips.clone()
-            } else {
-                on_link.clone()
-            };
-            let port = listen.first().map_or(53, |a| a.port());
-            let health_port = health
-                .filter(|h| addrs.contains(&h.ip()) || h.ip().is_unspecified())
-                .map(|h| h.port());
-            tracing::info!(%backend, ?addrs, "packet filter rules will skip conntrack for DNS");
-            Firewall::new(
-                backend,
-                Rules {
-                    addrs,
-                    dns_port: port,
-                    health_port,
-                },
-            )
+            let ruled = if on_link.is_empty() { &ips } else { &on_link };
+            let rules = plan_rules(listen, ruled, health);
+            tracing::info!(%backend, addrs = ?rules.addrs, "packet filter rules will skip conntrack for DNS");
+            Firewall::new(backend, rules)
         });
         Ok(Node {
             netif,
@@ -225,5 +211,45 @@ impl Node {
                 Err(e) => tracing::error!(error = %e, "removing link and addresses"),
             }
         }
+    }
+}
+
+/// The rules for the listen addresses whose IP is in `ruled`: each address with its own port (two
+/// addresses may use different ports), and the health port where the health endpoint is on one of
+/// those IPs (or on every IP).
+fn plan_rules(listen: &[SocketAddr], ruled: &[IpAddr], health: Option<SocketAddr>) -> Rules {
+    let addrs = listen
+        .iter()
+        .filter(|a| ruled.contains(&a.ip()))
+        .copied()
+        .collect();
+    let health_port = health
+        .filter(|h| ruled.contains(&h.ip()) || h.ip().is_unspecified())
+        .map(|h| h.port());
+    Rules { addrs, health_port }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_address_keeps_its_own_port() {
+        let a: SocketAddr = "169.254.20.10:53".parse().unwrap();
+        let b: SocketAddr = "10.96.0.10:5353".parse().unwrap();
+        let ruled = [a.ip(), b.ip()];
+        let r = plan_rules(&[a, b], &ruled, Some("169.254.20.10:8080".parse().unwrap()));
+        assert_eq!(
+            r.addrs,
+            vec![a, b],
+            "10.96.0.10 keeps port 5353, not the first address's 53"
+        );
+        assert_eq!(r.health_port, Some(8080));
+        let only_a = plan_rules(&[a, b], &[a.ip()], Some("10.1.1.1:8080".parse().unwrap()));
+        assert_eq!(only_a.addrs, vec![a]);
+        assert_eq!(
+            only_a.health_port, None,
+            "health elsewhere: no health rules"
+        );
     }
 }

@@ -550,7 +550,12 @@ impl Response {
             Some((start, end)) => {
                 bytes.extend_from_slice(&reply[..start]);
                 bytes.extend_from_slice(&reply[end..]);
-                let ar = counts[2] - 1;
+                // The OPT was found among the additional records (hickory-proto rejects one in any
+                // other section), so ARCOUNT is at least 1; checked anyway, so that a looser parser
+                // can never turn a reply into a panic.
+                let ar = counts[2].checked_sub(1).ok_or_else(|| {
+                    ResponseError::Malformed("OPT outside the additional section".into())
+                })?;
                 bytes[10..12].copy_from_slice(&ar.to_be_bytes());
             }
             None => bytes.extend_from_slice(reply),
@@ -706,7 +711,14 @@ pub fn render(
     let opt_len = if view.edns.is_some() { 11 } else { 0 };
     let bytes = resp.bytes();
     let flags = be16(bytes, 2);
-    let flags = (flags & !(FLAG_RD | FLAG_CD | FLAG_AA | FLAG_TC))
+    // AD only for a client that asked for it (AD or DO set, RFC 6840 §5.8): the entry may have been
+    // fetched for a client that did, and AD=1/AD=0 queries share a key.
+    let keep_ad = if view.flags & FLAG_AD != 0 || view.dnssec_ok() {
+        FLAG_AD
+    } else {
+        0
+    };
+    let flags = (flags & !(FLAG_RD | FLAG_CD | FLAG_AA | FLAG_TC | (FLAG_AD & !keep_ad)))
         | (view.flags & (FLAG_RD | FLAG_CD))
         | FLAG_RA;
     out.clear();

@@ -394,8 +394,7 @@ fn tool_missing(tool: &str) -> bool {
 
 fn fw_rules() -> Rules {
     Rules {
-        addrs: vec![ip(V4), ip(V6)],
-        dns_port: 53,
+        addrs: vec![SocketAddr::new(ip(V4), 53), SocketAddr::new(ip(V6), 53)],
         health_port: Some(8080),
     }
 }

@@ -99,10 +99,11 @@ fn host(ip: IpAddr) -> String {
 pub fn rules(r: &Rules) -> Vec<Rule> {
     let mut out = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
-    for &ip in &r.addrs {
-        if !seen.insert(ip) {
+    for &a in &r.addrs {
+        if !seen.insert(a) {
             continue;
         }
+        let (ip, dns) = (a.ip(), a.port());
         let family = Family::of(ip);
         let h = host(ip);
         let mut push = |table, chain, dir: &str, proto: &str, port: u16, comment, target| {
@@ -119,7 +120,6 @@ pub fn rules(r: &Rules) -> Vec<Rule> {
                 ),
             });
         };
-        let dns = r.dns_port;
         for proto in ["tcp", "udp"] {
             push(
                 "raw",
@@ -352,9 +352,11 @@ mod tests {
         Rules {
             addrs: addrs
                 .iter()
-                .map(|a| a.parse().expect("test literal"))
+                .map(|a| {
+                    let ip: IpAddr = a.parse().expect("test literal");
+                    std::net::SocketAddr::new(ip, 53)
+                })
                 .collect(),
-            dns_port: 53,
             health_port: health,
         }
     }
@@ -386,6 +388,12 @@ mod tests {
     fn counts_and_families() {
         let two = rules(&r(&["169.254.20.10", "10.96.0.10"], Some(8080)));
         assert_eq!(two.len(), 24, "node-cache installs 12 rules per IP");
+        // Each address's rules use its own port.
+        let mut mixed = r(&["169.254.20.10", "10.96.0.10"], None);
+        mixed.addrs[1].set_port(5353);
+        let mixed = rules(&mixed);
+        assert!(mixed[..10].iter().all(|r| r.spec.contains(" 53 ")));
+        assert!(mixed[10..].iter().all(|r| r.spec.contains(" 5353 ")));
         let no_health = rules(&r(&["fd00::10", "fd00::10"], None));
         assert_eq!(no_health.len(), 10, "duplicates collapse, no health rules");
         assert!(no_health.iter().all(|r| r.family == Family::V6));

@@ -15,7 +15,7 @@
 
 use std::fmt;
 use std::io::Write;
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::str::FromStr;
 
@@ -67,10 +67,9 @@ impl FromStr for Backend {
 /// What the rules protect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rules {
-    /// Local listen IPs (v4 and v6 may be mixed; each family goes to its own tool/table).
-    pub addrs: Vec<IpAddr>,
-    /// DNS port (53 normally).
-    pub dns_port: u16,
+    /// Local listen addresses, each IP with its own DNS port (v4 and v6 may be mixed; each family
+    /// goes to its own tool/table).
+    pub addrs: Vec<SocketAddr>,
     /// Health-check port on the same IPs, if any; its TCP traffic skips conntrack too, so
     /// liveness probes do not pile up conntrack/TIME-WAIT entries.
     pub health_port: Option<u16>,
@@ -304,7 +303,6 @@ mod tests {
             Backend::None,
             Rules {
                 addrs: vec![],
-                dns_port: 53,
                 health_port: None,
             },
         );

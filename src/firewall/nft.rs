@@ -54,12 +54,12 @@ pub fn chains(r: &Rules) -> Vec<Chain> {
     let mut out_raw = Vec::new();
     let mut input = Vec::new();
     let mut output = Vec::new();
-    let dns = r.dns_port;
     let mut seen = std::collections::BTreeSet::new();
-    for &ip in &r.addrs {
-        if !seen.insert(ip) {
+    for &a in &r.addrs {
+        if !seen.insert(a) {
             continue;
         }
+        let (ip, dns) = (a.ip(), a.port());
         let (d, s) = (matcher(ip, "daddr"), matcher(ip, "saddr"));
         for proto in ["tcp", "udp"] {
             pre.push(format!("{d} {proto} dport {dns} notrack"));
@@ -248,9 +248,11 @@ mod tests {
         Rules {
             addrs: addrs
                 .iter()
-                .map(|a| a.parse().expect("test literal"))
+                .map(|a| {
+                    let ip: IpAddr = a.parse().expect("test literal");
+                    std::net::SocketAddr::new(ip, 53)
+                })
                 .collect(),
-            dns_port: 53,
             health_port: health,
         }
     }

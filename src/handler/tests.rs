@@ -75,10 +75,12 @@ fn rejects_with_the_right_rcode() {
     let n = v1.len();
     v1[n - 5] = 1; // OPT TTL: ext-rcode, VERSION, flags
     let mut out = Vec::new();
-    assert!(matches!(
-        h.answer(&v1, Proto::Udp, Instant::now(), &mut out),
-        Outcome::Reply(_)
-    ));
+    let outcome = h.answer(&v1, Proto::Udp, Instant::now(), &mut out);
+    // What metrics and the query log see: the whole rcode, not its low four bits (NOERROR).
+    assert!(
+        matches!(outcome, Outcome::Reply(a) if a.rcode == 16),
+        "{outcome:?}"
+    );
     let m = Message::from_vec(&out).unwrap();
     assert_eq!(u16::from(m.metadata.response_code), 16);
 }

@@ -225,6 +225,35 @@ fn opt_in_reply_iff_in_query() {
 }
 
 #[test]
+fn ad_bit_only_for_clients_that_ask_for_it() {
+    // RFC 6840 §5.8: AD=1 from upstream (fetched for a client that set AD, as dig does) goes only
+    // to clients that set AD or DO; AD=0 and AD=1 queries without DO share the cache key.
+    let t = t0();
+    let mut q_ad = query(1, "signed.example.", RecordType::A, None);
+    q_ad[3] |= 0x20;
+    let v_ad = scan_query(&q_ad).unwrap();
+    let mut up = a_reply(&build_q(&v_ad, 5), &[60]);
+    up[3] |= 0x20; // upstream validated it
+    let resp = Response::from_upstream(&up, 5, &v_ad, &policy(), t).unwrap();
+    let ad = |q: &[u8]| {
+        let v = scan_query(q).unwrap();
+        let mut out = Vec::new();
+        render(&resp, &v, t, 4096, &mut out);
+        Message::from_vec(&out).unwrap().metadata.authentic_data
+    };
+    assert!(ad(&q_ad), "a client that set AD keeps it");
+    let plain = query(2, "signed.example.", RecordType::A, None);
+    assert_eq!(
+        scan_query(&plain).unwrap().key.bits,
+        v_ad.key.bits,
+        "same cache key"
+    );
+    assert!(!ad(&plain), "a client that set neither AD nor DO gets AD=0");
+    let with_do = query(3, "signed.example.", RecordType::A, Some((1232, true)));
+    assert!(ad(&with_do), "a DO client keeps it");
+}
+
+#[test]
 fn too_big_for_udp_sets_tc_with_question_only() {
     let t = t0();
     let q = query(3, "big.example.", RecordType::A, None);
