@@ -71,14 +71,14 @@ fn limits(entries: usize) -> Limits {
 
 /// A handler with `entries` positive answers cached at `now`.
 fn filled(entries: usize, now: Instant) -> Handler {
-    let h = Handler::new(Cache::new(limits(entries)), TtlPolicy::default());
+    let h = Handler::new(Cache::new(limits(entries)));
     let mut up = Vec::new();
     for i in 0..entries {
         let q = query(1, &name(i));
         let v = scan_query(&q).expect("bench query scans");
         build_upstream_query(&v, 7, &mut up);
         let r = reply(&up, 3600, (i as u32).to_be_bytes());
-        h.store(&v, &r, 7, now).expect("bench reply is valid");
+        h.store(&v, &r, 7, &TtlPolicy::default(), now).expect("bench reply is valid");
     }
     assert_eq!(h.cache.stats().positive_entries, entries as u64);
     h
@@ -190,14 +190,14 @@ fn bench_miss(c: &mut Criterion) {
             reply(&up, 3600, (i as u32).to_be_bytes())
         })
         .collect();
-    let h = Handler::new(Cache::new(limits(N / 4)), TtlPolicy::default());
+    let h = Handler::new(Cache::new(limits(N / 4)));
     let mut i = 0usize;
     c.bench_function("miss/store", |b| {
         b.iter(|| {
             let k = i % N;
             i += 1;
             black_box(
-                h.store(&views[k], &replies[k], 7, now)
+                h.store(&views[k], &replies[k], 7, &TtlPolicy::default(), now)
                     .expect("valid reply"),
             )
         })

@@ -72,12 +72,18 @@ impl Recorder for RequestRecorder {
 struct UpstreamRecorder {
     metrics: Arc<Metrics>,
     admin: Arc<AdminState>,
-    servers: Vec<SocketAddr>,
     limiter: RateLimitedLog,
 }
 
 impl Observer for UpstreamRecorder {
-    fn attempt(&self, server: usize, transport: Transport, result: AttemptResult, took: Duration) {
+    fn attempt(
+        &self,
+        addr: SocketAddr,
+        transport: Transport,
+        result: AttemptResult,
+        took: Duration,
+    ) {
+        let server = self.metrics.upstream_slot(addr);
         let proto = match transport {
             Transport::Udp => metrics::Proto::Udp,
             Transport::Tcp => metrics::Proto::Tcp,
@@ -106,8 +112,7 @@ impl Observer for UpstreamRecorder {
                 UpstreamFailure::Network => "upstream-network",
             };
             if self.limiter.allow(key) {
-                let addr = self.servers.get(server).copied();
-                tracing::warn!(upstream = ?addr, cause = ?f, ?transport, "upstream attempt failed");
+                tracing::warn!(upstream = %addr, cause = ?f, ?transport, "upstream attempt failed");
             }
         }
     }
@@ -123,14 +128,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let observer = Arc::new(UpstreamRecorder {
         metrics: metrics.clone(),
         admin: admin_state.clone(),
-        servers: zones_servers.clone(),
         limiter: RateLimitedLog::new(5, Duration::from_secs(10)),
     });
     let upstreams = upstreams.with_observer(observer);
     for z in &config.zones {
-        tracing::info!(zone = %z.zone, servers = ?z.servers, "forwarding");
+        tracing::info!(zone = %z.name, servers = ?z.servers, transport = ?z.transport, "forwarding");
     }
-    let handler = Handler::new(Cache::new(config.limits), config.policy);
+    let handler = Handler::new(Cache::new(config.limits));
     let recorder = Arc::new(RequestRecorder {
         metrics: metrics.clone(),
         log_queries: config.log_queries,
@@ -216,7 +220,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             if probe_state.missing_readiness().is_empty() {
                 return;
             }
-            if probe_ctx.upstreams.probe(Duration::from_secs(1)).await {
+            if probe_ctx.upstreams().probe(Duration::from_secs(1)).await {
                 probe_state.set_upstream_reachable(true);
                 tracing::info!("an upstream answered; ready");
                 return;

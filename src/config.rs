@@ -18,8 +18,8 @@ use thiserror::Error;
 use crate::cache::Limits;
 use crate::firewall::Backend;
 use crate::netif::LinkKind;
-use crate::upstream::{self, ZoneSpec};
-use crate::wire::TtlPolicy;
+use crate::upstream;
+use model::{CachePolicy, Policy, Sources, Transport, Zone};
 
 /// A node-local DNS cache for Kubernetes: answers pods from a TTL-aware cache and forwards misses,
 /// the cluster zones to the cluster DNS and the rest to the node's resolvers.
@@ -43,7 +43,7 @@ pub struct Cli {
     /// Send a zone to its own servers: ZONE=ADDR[:PORT][,ADDR...] (repeatable). The longest
     /// matching zone wins; `.` is the default zone.
     #[arg(long, value_name = "ZONE=ADDRS", value_parser = parse_forward)]
-    pub forward: Vec<ZoneSpec>,
+    pub forward: Vec<ForwardFlag>,
 
     /// resolv.conf whose nameservers serve the default zone when --upstream is not given.
     #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
@@ -146,7 +146,7 @@ pub struct Cli {
     #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
     pub skip_teardown: bool,
 
-    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    /// Log level (error, warn, info, debug, trace, off; or TARGET=LEVEL,...); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
 
@@ -195,12 +195,20 @@ pub enum ConfigError {
     },
 }
 
+/// A `--forward ZONE=ADDRS` flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardFlag {
+    /// Normalised (see [`model::normalize_zone`]).
+    pub zone: String,
+    pub servers: Vec<SocketAddr>,
+}
+
 /// The validated configuration the rest of nodedns runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: Vec<SocketAddr>,
-    pub zones: Vec<ZoneSpec>,
-    pub policy: TtlPolicy,
+    /// Zones with their servers and policies; names are unique.
+    pub zones: Vec<Zone>,
     pub limits: Limits,
     pub upstream: upstream::Options,
     pub server: crate::server::Options,
@@ -281,31 +289,129 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// Parses a server: `IP`, `IP:PORT`, `[IPv6]:PORT` or a bare IPv6 address; the port defaults to 53.
+/// Port 0 is refused: every query sent there would fail.
 pub fn parse_server(s: &str) -> Result<SocketAddr, String> {
     let s = s.trim();
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
+    let addr = match s.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            let ip = s.trim_start_matches('[').trim_end_matches(']');
+            ip.parse::<IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+                .map_err(|_| format!("invalid server address {s:?} (use IP or IP:PORT)"))?
+        }
+    };
+    if addr.port() == 0 {
+        return Err(format!("invalid server address {s:?}: port 0"));
     }
-    let ip = s.trim_start_matches('[').trim_end_matches(']');
-    ip.parse::<IpAddr>()
-        .map(|ip| SocketAddr::new(ip, 53))
-        .map_err(|_| format!("invalid server address {s:?} (use IP or IP:PORT)"))
+    if addr.ip().is_unspecified() {
+        return Err(format!("invalid server address {s:?}: unspecified IP"));
+    }
+    Ok(addr)
 }
 
 /// Parses `ZONE=ADDR[:PORT][,ADDR...]`.
-pub fn parse_forward(s: &str) -> Result<ZoneSpec, String> {
+pub fn parse_forward(s: &str) -> Result<ForwardFlag, String> {
     let (zone, servers) = s
         .split_once('=')
         .ok_or_else(|| format!("invalid --forward {s:?} (use ZONE=ADDR[:PORT][,ADDR...])"))?;
-    upstream::zone_to_wire(zone)?;
+    let zone = model::normalize_zone(zone)?;
     let servers = servers
         .split(',')
         .map(parse_server)
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(ZoneSpec {
-        zone: zone.trim().to_ascii_lowercase(),
-        servers,
-    })
+    Ok(ForwardFlag { zone, servers })
+}
+
+/// Checks a `--log-level` value: a level word, or comma-separated `TARGET=LEVEL` directives. An
+/// unknown word would otherwise be taken as a target name and silently turn every line off.
+pub fn check_log_level(s: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    for d in s.split(',') {
+        let d = d.trim();
+        let level = d.rsplit_once('=').map_or(d, |(_, l)| l);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "invalid --log-level {s:?}: {level:?} is not a level (use error, warn, info, debug, trace or off, or TARGET=LEVEL)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The nameservers of resolv.conf text (port 53, in order, deduplicated). Lines other than
+/// `nameserver` are ignored, as glibc does; a `nameserver` line with something other than an IP
+/// address is an error naming the line.
+pub fn parse_resolv_conf(text: &str) -> Result<Vec<SocketAddr>, String> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split(['#', ';']).next().unwrap_or("");
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        let Some(w) = words.next() else {
+            return Err(format!("line {}: nameserver without an address", i + 1));
+        };
+        // A link-local IPv6 address may carry a zone (`fe80::1%eth0`), which a SocketAddr cannot
+        // hold without a scope id lookup: such servers are skipped.
+        if w.contains('%') {
+            continue;
+        }
+        let ip: IpAddr = w
+            .parse()
+            .map_err(|_| format!("line {}: {w:?} is not an IP address", i + 1))?;
+        let a = SocketAddr::new(ip, 53);
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    if out.is_empty() {
+        return Err("no nameserver lines".into());
+    }
+    Ok(out)
+}
+
+/// Environment through a closure, files from the file system (the flags' sources).
+struct EnvSources<F>(F);
+
+impl<F: Fn(&str) -> Option<String>> Sources for EnvSources<F> {
+    fn env(&self, name: &str) -> Option<String> {
+        (self.0)(name)
+    }
+    fn read(&self, path: &std::path::Path) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+}
+
+/// The cluster DNS address from a Service's environment variables (`<SVC>_SERVICE_HOST` and
+/// `_PORT`, set by the kubelet), `Ok(None)` when the host variable is unset.
+pub fn service_addr(src: &dyn Sources, svc: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let prefix = service_env_prefix(svc);
+    let host_var = format!("{prefix}_SERVICE_HOST");
+    let Some(host) = src.env(&host_var).filter(|h| !h.is_empty()) else {
+        return Ok(None);
+    };
+    let ip: IpAddr = host.trim().parse().map_err(|_| ConfigError::Env {
+        var: host_var.clone(),
+        value: host.clone(),
+        what: "IP address",
+    })?;
+    let port_var = format!("{prefix}_SERVICE_PORT");
+    let port = match src.env(&port_var).filter(|p| !p.is_empty()) {
+        Some(p) => match p.trim().parse::<u16>() {
+            Ok(n) if n != 0 => n,
+            _ => {
+                return Err(ConfigError::Env {
+                    var: port_var,
+                    value: p.clone(),
+                    what: "port (1-65535)",
+                });
+            }
+        },
+        None => 53,
+    };
+    Ok(Some(SocketAddr::new(ip, port)))
 }
 
 /// The env var prefix the kubelet uses for a service: upper case, `-` → `_`.
@@ -317,7 +423,103 @@ impl Cli {
     /// Validates flags and fills in what comes from the environment and resolv.conf. `env` reads an
     /// environment variable (injectable for tests).
     pub fn into_config(self, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        self.into_config_from(&EnvSources(env))
+    }
+
+    /// The zones the flags describe: the cluster zones to the cluster DNS from the Service
+    /// environment, `.` to `--upstream` or resolv.conf, then `--forward` (a later zone of the same
+    /// name replaces an earlier one), all with the flags' cache and transport policy.
+    pub fn flag_zones(&self, src: &dyn Sources) -> Result<Vec<Zone>, ConfigError> {
+        let cluster_domain = model::normalize_zone(&self.cluster_domain)
+            .map_err(|e| ConfigError::Invalid(format!("--cluster-domain: {e}")))?;
+        let cache = CachePolicy {
+            min_ttl: self.min_ttl,
+            max_ttl: self.max_ttl,
+            max_negative_ttl: self.max_negative_ttl,
+            servfail_ttl: self.servfail_ttl,
+            success_capacity: self.cache_size,
+            denial_capacity: self.negative_cache_size,
+            ..CachePolicy::FLAGS
+        };
+        let zone = |name: String, servers: Vec<SocketAddr>, origin: &str| Zone {
+            name,
+            servers,
+            transport: if self.force_tcp {
+                Transport::Tcp
+            } else {
+                Transport::PreferUdp
+            },
+            policy: Policy::RoundRobin,
+            forward: Default::default(),
+            cache,
+            origin: model::Origin::at(origin, 0),
+        };
+        let mut zones: Vec<Zone> = Vec::new();
+        // 1. The cluster DNS from the Service environment, for the cluster zones.
+        match service_addr(src, &self.upstream_svc)? {
+            Some(addr) => {
+                for z in [cluster_domain.as_str(), "in-addr.arpa", "ip6.arpa"] {
+                    zones.push(zone(z.into(), vec![addr], "--upstream-svc"));
+                }
+            }
+            None => {
+                let var = format!("{}_SERVICE_HOST", service_env_prefix(&self.upstream_svc));
+                tracing::debug!(%var, "not set; cluster zones follow --forward or the default zone");
+            }
+        }
+        // 2. The default zone: --upstream, else resolv.conf (unless --forward gives `.`).
+        let has_root = self.forward.iter().any(|z| z.zone == ".");
+        if !self.upstream.is_empty() {
+            zones.push(zone(".".into(), self.upstream.clone(), "--upstream"));
+        } else if !has_root {
+            let path = self.resolv_conf.display().to_string();
+            let text = src
+                .read(&self.resolv_conf)
+                .map_err(|e| ConfigError::ResolvConf {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            let servers = parse_resolv_conf(&text).map_err(|reason| ConfigError::ResolvConf {
+                path: path.clone(),
+                reason,
+            })?;
+            // Never forward to ourselves (a node whose resolv.conf points at nodedns).
+            let servers: Vec<_> = servers
+                .into_iter()
+                .filter(|s| {
+                    !self
+                        .listen
+                        .iter()
+                        .any(|l| l.ip() == s.ip() && l.port() == s.port())
+                })
+                .collect();
+            if servers.is_empty() {
+                return Err(ConfigError::ResolvConf {
+                    path,
+                    reason: "its only nameservers are nodedns's own listen addresses".into(),
+                });
+            }
+            zones.push(zone(".".into(), servers, "--resolv-conf"));
+        }
+        // 3. Explicit --forward flags override both.
+        for f in &self.forward {
+            zones.push(zone(f.zone.clone(), f.servers.clone(), "--forward"));
+        }
+        // Later wins, in the place of the first.
+        let mut out: Vec<Zone> = Vec::new();
+        for z in zones {
+            match out.iter_mut().find(|o| o.name == z.name) {
+                Some(o) => *o = z,
+                None => out.push(z),
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Cli::into_config`] with every outside input read through `src`.
+    pub fn into_config_from(self, src: &dyn Sources) -> Result<Config, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        check_log_level(&self.log_level).map_err(ConfigError::Invalid)?;
         if self.listen.is_empty() {
             return bad("at least one --listen address is needed".into());
         }
@@ -340,69 +542,7 @@ impl Cli {
             return bad("cache sizes must be at least 1".into());
         }
 
-        let mut zones: Vec<ZoneSpec> = Vec::new();
-        // 1. The cluster DNS from the Service environment, for the cluster zones.
-        let prefix = service_env_prefix(&self.upstream_svc);
-        let host_var = format!("{prefix}_SERVICE_HOST");
-        if let Some(host) = env(&host_var).filter(|h| !h.is_empty()) {
-            let ip: IpAddr = host.trim().parse().map_err(|_| ConfigError::Env {
-                var: host_var.clone(),
-                value: host.clone(),
-                what: "IP address",
-            })?;
-            let port_var = format!("{prefix}_SERVICE_PORT");
-            let port = match env(&port_var).filter(|p| !p.is_empty()) {
-                Some(p) => p.trim().parse::<u16>().map_err(|_| ConfigError::Env {
-                    var: port_var,
-                    value: p.clone(),
-                    what: "port",
-                })?,
-                None => 53,
-            };
-            for zone in [self.cluster_domain.as_str(), "in-addr.arpa", "ip6.arpa"] {
-                zones.push(ZoneSpec {
-                    zone: zone.trim_end_matches('.').to_ascii_lowercase(),
-                    servers: vec![SocketAddr::new(ip, port)],
-                });
-            }
-        } else {
-            tracing::debug!(var = %host_var, "not set; cluster zones follow --forward or the default zone");
-        }
-        // 2. The default zone: --upstream, else resolv.conf (unless --forward gives `.`).
-        let has_root = self
-            .forward
-            .iter()
-            .any(|z| z.zone.trim_end_matches('.').is_empty());
-        if !self.upstream.is_empty() {
-            zones.push(ZoneSpec {
-                zone: ".".into(),
-                servers: self.upstream.clone(),
-            });
-        } else if !has_root {
-            let servers = resolv_conf_servers(&self.resolv_conf)?;
-            // Never forward to ourselves (a node whose resolv.conf points at nodedns).
-            let servers: Vec<_> = servers
-                .into_iter()
-                .filter(|s| {
-                    !self
-                        .listen
-                        .iter()
-                        .any(|l| l.ip() == s.ip() && l.port() == s.port())
-                })
-                .collect();
-            if servers.is_empty() {
-                return Err(ConfigError::ResolvConf {
-                    path: self.resolv_conf.display().to_string(),
-                    reason: "its only nameservers are nodedns's own listen addresses".into(),
-                });
-            }
-            zones.push(ZoneSpec {
-                zone: ".".into(),
-                servers,
-            });
-        }
-        // 3. Explicit --forward flags override both.
-        zones.extend(self.forward.iter().cloned());
+        let zones = self.flag_zones(src)?;
 
         let workers = if self.workers == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -449,12 +589,6 @@ impl Cli {
             },
             listen: self.listen.clone(),
             zones,
-            policy: TtlPolicy {
-                min_ttl: self.min_ttl,
-                max_ttl: self.max_ttl,
-                max_negative_ttl: self.max_negative_ttl,
-                servfail_ttl: self.servfail_ttl,
-            },
             limits: Limits {
                 positive_entries: self.cache_size,
                 positive_bytes: self.cache_bytes,
@@ -464,7 +598,6 @@ impl Cli {
             upstream: upstream::Options {
                 attempt_timeout: self.attempt_timeout,
                 deadline: self.query_deadline,
-                force_tcp: self.force_tcp,
             },
             server: crate::server::Options {
                 listen: self.listen,
@@ -475,28 +608,6 @@ impl Cli {
             },
         })
     }
-}
-
-/// The nameservers of a resolv.conf, read with hickory-resolver's parser (port 53).
-pub fn resolv_conf_servers(path: &std::path::Path) -> Result<Vec<SocketAddr>, ConfigError> {
-    let err = |reason: String| ConfigError::ResolvConf {
-        path: path.display().to_string(),
-        reason,
-    };
-    let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let (conf, _opts) =
-        hickory_resolver::system_conf::parse_resolv_conf(data).map_err(|e| err(e.to_string()))?;
-    let mut out: Vec<SocketAddr> = Vec::new();
-    for ns in conf.name_servers() {
-        let a = SocketAddr::new(ns.ip, 53);
-        if !out.contains(&a) {
-            out.push(a);
-        }
-    }
-    if out.is_empty() {
-        return Err(err("no nameserver lines".into()));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -54,15 +54,15 @@ pub enum Source {
     Local,
 }
 
-/// The sans-IO core shared by every listener.
+/// The sans-IO core shared by every listener. It holds no policy of its own: the zone that routed
+/// a miss brings its TTL policy to [`Handler::store`], so a reload never touches the hit path.
 pub struct Handler {
     pub cache: Cache,
-    pub policy: TtlPolicy,
 }
 
 impl Handler {
-    pub fn new(cache: Cache, policy: TtlPolicy) -> Handler {
-        Handler { cache, policy }
+    pub fn new(cache: Cache) -> Handler {
+        Handler { cache }
     }
 
     /// Decides what to do with one query packet; a reply, if any, is written into `out`. `proto`
@@ -125,15 +125,17 @@ impl Handler {
     }
 
     /// Finishes a miss: validates the upstream `reply` to `view`'s query (sent upstream with ID
-    /// `sent_id`) and stores it if cacheable; [`Handler::complete`] then renders each client's reply.
+    /// `sent_id`) and stores it if its zone's `policy` lets it be cached; [`Handler::complete`]
+    /// then renders each client's reply.
     pub fn store(
         &self,
         view: &QueryView<'_>,
         reply: &[u8],
         sent_id: u16,
+        policy: &TtlPolicy,
         now: Instant,
     ) -> Result<Arc<Response>, wire::ResponseError> {
-        let resp = Response::from_upstream(reply, sent_id, view, &self.policy, now)?;
+        let resp = Response::from_upstream(reply, sent_id, view, policy, now)?;
         self.cache.insert(&view.key, resp.clone(), now);
         Ok(Arc::new(resp))
     }

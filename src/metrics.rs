@@ -318,6 +318,9 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
+/// Distinct upstream addresses with their own series over the process's life.
+pub const MAX_UPSTREAMS: usize = 64;
+
 /// Counters for one upstream, padded so different upstreams never share a cache line.
 #[repr(align(128))]
 struct UpstreamCounters {
@@ -371,18 +374,28 @@ pub struct Metrics {
 /// The atomics, shared between [`Metrics`] (writers) and the registered collector (reader).
 struct Core {
     workers: Box<[WorkerCounters]>,
+    /// One block per upstream address ever used, claimed in order and never released, so a reload
+    /// that adds servers gets new series and the old ones keep their counts.
     upstreams: Box<[UpstreamCounters]>,
-    /// `upstream` label values, formatted once at startup.
-    upstream_labels: Box<[String]>,
+    /// `upstream` label values: slot `i` is claimed once its label is set.
+    upstream_labels: Box<[OnceLock<(SocketAddr, String)>]>,
+    /// Serialises claiming a new slot (lookups of claimed slots take no lock).
+    claim: std::sync::Mutex<()>,
     shared: SharedCounters,
     cache_snapshot: OnceLock<SnapshotProvider>,
+}
+
+impl Core {
+    fn claimed_labels(&self) -> impl Iterator<Item = &(SocketAddr, String)> {
+        self.upstream_labels.iter().map_while(|l| l.get())
+    }
 }
 
 impl fmt::Debug for Core {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MetricsCore")
             .field("workers", &self.workers.len())
-            .field("upstreams", &self.upstream_labels)
+            .field("upstreams", &self.upstream_labels.len())
             .finish_non_exhaustive()
     }
 }
@@ -394,19 +407,56 @@ impl fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Creates the metric set for a fixed list of upstreams and `workers` worker shards
-    /// (at least one shard is always created).
+    /// Creates the metric set with `upstreams` registered first (in that order, so their slots are
+    /// 0, 1, ...) and `workers` worker shards (at least one shard is always created).
     pub fn new(upstreams: &[SocketAddr], workers: usize) -> Self {
         let core = std::sync::Arc::new(Core {
             workers: (0..workers.max(1)).map(|_| WorkerCounters::new()).collect(),
-            upstreams: upstreams.iter().map(|_| UpstreamCounters::new()).collect(),
-            upstream_labels: upstreams.iter().map(|a| a.to_string()).collect(),
+            upstreams: (0..MAX_UPSTREAMS).map(|_| UpstreamCounters::new()).collect(),
+            upstream_labels: (0..MAX_UPSTREAMS).map(|_| OnceLock::new()).collect(),
+            claim: std::sync::Mutex::new(()),
             shared: SharedCounters::default(),
             cache_snapshot: OnceLock::new(),
         });
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ScrapeCollector(core.clone())));
-        Metrics { core, registry }
+        let m = Metrics { core, registry };
+        for &u in upstreams {
+            m.upstream_slot(u);
+        }
+        m
+    }
+
+    /// The slot of upstream `addr`, claimed on first use. Past [`MAX_UPSTREAMS`] distinct
+    /// addresses (many reloads with ever new servers) the last slot is shared, labelled `other`.
+    /// Called on the miss path only: a scan of the claimed slots, lock-free once claimed.
+    pub fn upstream_slot(&self, addr: SocketAddr) -> usize {
+        let labels = &self.core.upstream_labels;
+        let find = || {
+            labels
+                .iter()
+                .take_while(|l| l.get().is_some())
+                .position(|l| l.get().is_some_and(|(a, _)| *a == addr))
+        };
+        if let Some(i) = find() {
+            return i;
+        }
+        let _g = self.core.claim.lock();
+        if let Some(i) = find() {
+            return i;
+        }
+        let free = labels.iter().position(|l| l.get().is_none());
+        match free {
+            Some(i) if i + 1 < MAX_UPSTREAMS => {
+                let _ = labels[i].set((addr, addr.to_string()));
+                i
+            }
+            _ => {
+                let last = MAX_UPSTREAMS - 1;
+                let _ = labels[last].set((SocketAddr::from(([0, 0, 0, 0], 0)), "other".into()));
+                last
+            }
+        }
     }
 
     /// Number of worker shards.
@@ -672,7 +722,7 @@ impl Collector for ScrapeCollector {
                 None,
                 MetricType::Counter,
             )?;
-            for (u, label) in core.upstreams.iter().zip(core.upstream_labels.iter()) {
+            for (u, (_, label)) in core.upstreams.iter().zip(core.claimed_labels()) {
                 for proto in Proto::ALL {
                     let v = u.queries[proto as usize].load(Relaxed);
                     m.encode_family(&[("upstream", label.as_str()), ("proto", proto.label())])?
@@ -689,7 +739,7 @@ impl Collector for ScrapeCollector {
                 None,
                 MetricType::Counter,
             )?;
-            for (u, label) in core.upstreams.iter().zip(core.upstream_labels.iter()) {
+            for (u, (_, label)) in core.upstreams.iter().zip(core.claimed_labels()) {
                 for cause in UpstreamFailure::ALL {
                     let v = u.failures[cause as usize].load(Relaxed);
                     m.encode_family(&[("upstream", label.as_str()), ("cause", cause.label())])?
@@ -706,7 +756,7 @@ impl Collector for ScrapeCollector {
                 None,
                 MetricType::Histogram,
             )?;
-            for (u, label) in core.upstreams.iter().zip(core.upstream_labels.iter()) {
+            for (u, (_, label)) in core.upstreams.iter().zip(core.claimed_labels()) {
                 let mut buckets = [(0.0f64, 0u64); N_BUCKETS];
                 let mut count = 0u64;
                 for (i, b) in buckets.iter_mut().enumerate() {

@@ -21,7 +21,7 @@ use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -105,7 +105,9 @@ type Flight = Option<Result<Arc<Response>, ()>>;
 /// Everything a listener needs, shared by all of them.
 pub struct Ctx {
     pub handler: Handler,
-    pub upstreams: Upstreams,
+    /// The current forwarding generation (zones, servers, policies). A miss takes its own `Arc` for
+    /// its whole life, so a reload swaps this without failing a query in flight; hits never read it.
+    upstreams: RwLock<Arc<Upstreams>>,
     pub recorder: Arc<dyn Recorder>,
     /// One upstream query per key at a time; later askers wait for its result.
     flights: Mutex<HashMap<Key, watch::Receiver<Flight>>>,
@@ -122,11 +124,28 @@ impl Ctx {
     ) -> Ctx {
         Ctx {
             handler,
-            upstreams,
+            upstreams: RwLock::new(Arc::new(upstreams)),
             recorder,
             flights: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
             max_concurrent: max_concurrent.max(1),
+        }
+    }
+
+    /// The current forwarding generation.
+    pub fn upstreams(&self) -> Arc<Upstreams> {
+        match self.upstreams.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Makes `new` the forwarding generation for every miss that starts from now on.
+    pub fn set_upstreams(&self, new: Upstreams) {
+        let new = Arc::new(new);
+        match self.upstreams.write() {
+            Ok(mut g) => *g = new,
+            Err(p) => *p.into_inner() = new,
         }
     }
 
@@ -191,7 +210,8 @@ impl Ctx {
     }
 
     async fn forward(&self, view: &wire::QueryView<'_>) -> Result<Arc<Response>, ()> {
-        let reply = match self.upstreams.resolve(view).await {
+        let upstreams = self.upstreams();
+        let reply = match upstreams.resolve(view).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(name = ?view.key, error = %e, "upstream failed");
@@ -200,7 +220,7 @@ impl Ctx {
         };
         match self
             .handler
-            .store(view, &reply.bytes, reply.sent_id, Instant::now())
+            .store(view, &reply.bytes, reply.sent_id, &reply.policy, Instant::now())
         {
             Ok(r) => Ok(r),
             Err(e) => {

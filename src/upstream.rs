@@ -18,7 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::wire::{self, QueryView};
+use crate::config::model::{self, CachePolicy, Policy, Zone};
+use crate::wire::{self, QueryView, TtlPolicy};
 
 /// How long an unused upstream TCP connection is kept.
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -62,21 +63,26 @@ pub enum AttemptResult {
 
 /// Receives one call per attempt (metrics implement it; tests may count).
 pub trait Observer: Send + Sync {
-    fn attempt(&self, server: usize, transport: Transport, result: AttemptResult, took: Duration);
+    fn attempt(
+        &self,
+        server: SocketAddr,
+        transport: Transport,
+        result: AttemptResult,
+        took: Duration,
+    );
 }
 
 /// An observer that ignores everything.
 pub struct NoObserver;
 impl Observer for NoObserver {
-    fn attempt(&self, _: usize, _: Transport, _: AttemptResult, _: Duration) {}
+    fn attempt(&self, _: SocketAddr, _: Transport, _: AttemptResult, _: Duration) {}
 }
 
-/// Timing and transport options.
+/// Timing options (the same for every zone).
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
     pub attempt_timeout: Duration,
     pub deadline: Duration,
-    pub force_tcp: bool,
 }
 
 impl Default for Options {
@@ -84,17 +90,8 @@ impl Default for Options {
         Options {
             attempt_timeout: Duration::from_secs(2),
             deadline: Duration::from_secs(5),
-            force_tcp: false,
         }
     }
-}
-
-/// A zone and the servers that answer for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ZoneSpec {
-    /// Presentation form, e.g. `cluster.local` or `.`.
-    pub zone: String,
-    pub servers: Vec<SocketAddr>,
 }
 
 /// A successful exchange.
@@ -105,14 +102,28 @@ pub struct Reply {
     pub sent_id: u16,
     /// Index of the server in [`Upstreams::servers`].
     pub server: usize,
+    /// How the zone that routed the query caches its answers.
+    pub policy: TtlPolicy,
 }
 
+/// One zone's servers and policy.
 struct Route {
     servers: Vec<usize>,
     next: AtomicUsize,
+    transport: model::Transport,
+    order: Policy,
+    store: TtlPolicy,
 }
 
-/// All zones and servers.
+/// Why a zone table cannot be built.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum UpstreamConfigError {
+    #[error("bad zone {zone:?}: {reason}")]
+    BadZone { zone: String, reason: String },
+}
+
+/// All zones and servers: one generation of the forwarding configuration (a reload builds a new one;
+/// misses in flight finish on the one they started with).
 pub struct Upstreams {
     /// Lowercased wire-format zone name → route. Longest suffix wins.
     routes: HashMap<Vec<u8>, Route>,
@@ -122,31 +133,32 @@ pub struct Upstreams {
     observer: Arc<dyn Observer>,
 }
 
-/// Turns `cluster.local`, `cluster.local.` or `.` into lowercased wire format.
-pub fn zone_to_wire(zone: &str) -> Result<Vec<u8>, String> {
-    let z = zone.trim_end_matches('.');
-    let mut out = Vec::new();
-    if !z.is_empty() {
-        for label in z.split('.') {
-            if label.is_empty() || label.len() > 63 {
-                return Err(format!("bad zone name {zone:?}"));
-            }
-            out.push(label.len() as u8);
-            out.extend(label.bytes().map(|b| b.to_ascii_lowercase()));
-        }
+/// The store-time TTL policy of a zone's cache settings.
+pub fn ttl_policy(c: &CachePolicy) -> TtlPolicy {
+    TtlPolicy {
+        min_ttl: c.min_ttl,
+        max_ttl: c.max_ttl,
+        min_negative_ttl: c.min_negative_ttl,
+        max_negative_ttl: c.max_negative_ttl,
+        servfail_ttl: c.servfail_ttl,
+        positive: c.success,
+        negative: c.denial,
     }
-    out.push(0);
-    if out.len() > wire::MAX_NAME_LEN {
-        return Err(format!("zone name {zone:?} is too long"));
-    }
-    Ok(out)
 }
 
 impl Upstreams {
-    pub fn new(zones: &[ZoneSpec], opts: Options) -> Result<Upstreams, String> {
+    /// Builds the routes of `zones`. A zone named twice: the later one wins (flags override the
+    /// environment), and only the servers of the zones that remain are dialled, probed and counted.
+    pub fn new(zones: &[Zone], opts: Options) -> Result<Upstreams, UpstreamConfigError> {
         let mut servers: Vec<SocketAddr> = Vec::new();
         let mut routes = HashMap::new();
-        for z in zones {
+        let mut seen = std::collections::HashSet::new();
+        let last_wins: Vec<&Zone> = zones
+            .iter()
+            .rev()
+            .filter(|z| seen.insert(z.name.as_str()))
+            .collect();
+        for z in last_wins.into_iter().rev() {
             let mut idx = Vec::new();
             for s in &z.servers {
                 let i = match servers.iter().position(|x| x == s) {
@@ -158,15 +170,19 @@ impl Upstreams {
                 };
                 idx.push(i);
             }
-            if idx.is_empty() {
-                return Err(format!("zone {} has no servers", z.zone));
-            }
-            // A later spec of the same zone replaces the earlier one (flags override env).
+            let name =
+                wire::name_from_str(&z.name).map_err(|reason| UpstreamConfigError::BadZone {
+                    zone: z.name.clone(),
+                    reason,
+                })?;
             routes.insert(
-                zone_to_wire(&z.zone)?,
+                name,
                 Route {
                     servers: idx,
                     next: AtomicUsize::new(0),
+                    transport: z.transport,
+                    order: z.policy,
+                    store: ttl_policy(&z.cache),
                 },
             );
         }
@@ -198,9 +214,9 @@ impl Upstreams {
     pub async fn probe(&self, timeout: Duration) -> bool {
         // Header: RD, one question; question: root, NS, IN.
         let question: &[u8] = &[0, 0, 2, 0, 1];
-        let transport = self.transport();
         let until = Instant::now() + timeout;
         let probes = (0..self.servers.len()).map(|server| async move {
+            let transport = self.probe_transport(server);
             let id: u16 = rand::random();
             let mut q = Vec::with_capacity(17);
             q.extend_from_slice(&id.to_be_bytes());
@@ -218,13 +234,14 @@ impl Upstreams {
             .any(|ok| ok)
     }
 
-    /// The transport a query starts on: TCP with `force_tcp`, else UDP (with TCP after TC=1).
-    fn transport(&self) -> Transport {
-        if self.opts.force_tcp {
-            Transport::Tcp
-        } else {
-            Transport::Udp
-        }
+    /// The transport a probe of `server` uses: TCP when a zone reaches it only over TCP (UDP may be
+    /// exactly what is blocked), else UDP.
+    fn probe_transport(&self, server: usize) -> Transport {
+        let tcp = self
+            .routes
+            .values()
+            .any(|r| r.transport == model::Transport::Tcp && r.servers.contains(&server));
+        if tcp { Transport::Tcp } else { Transport::Udp }
     }
 
     /// Every distinct server, in the order metrics label them.
@@ -234,7 +251,8 @@ impl Upstreams {
 
     /// The zone (wire format) that routes `qname`: the longest configured suffix on a label
     /// boundary, or `None` when not even `.` is configured.
-    pub fn zone_for(&self, qname: &[u8]) -> Option<&[u8]> {
+    #[cfg(test)]
+    fn zone_for(&self, qname: &[u8]) -> Option<&[u8]> {
         self.route(qname).map(|(z, _)| z)
     }
 
@@ -259,10 +277,22 @@ impl Upstreams {
         let (_, route) = self
             .route(view.key.name())
             .ok_or(UpstreamError::NoServers)?;
+        let n = route.servers.len();
+        if n == 0 {
+            // An `except` name: not forwarded.
+            return Err(UpstreamError::NoServers);
+        }
         let start = Instant::now();
         let deadline = start + self.opts.deadline;
-        let n = route.servers.len();
-        let first = route.next.fetch_add(1, Ordering::Relaxed);
+        let first = match route.order {
+            Policy::RoundRobin => route.next.fetch_add(1, Ordering::Relaxed),
+            Policy::Random => rand::random::<u32>() as usize,
+            Policy::Sequential => 0,
+        };
+        let start_transport = match route.transport {
+            model::Transport::Tcp => Transport::Tcp,
+            model::Transport::Udp | model::Transport::PreferUdp => Transport::Udp,
+        };
         let mut last_err = AttemptError::Timeout;
         // A SERVFAIL/REFUSED reply is kept while other servers are tried, and returned if none does
         // better.
@@ -280,12 +310,13 @@ impl Upstreams {
             let until = (now + self.opts.attempt_timeout).min(deadline);
             let id: u16 = rand::random();
             wire::build_upstream_query(view, id, &mut query);
-            let mut transport = self.transport();
+            let mut transport = start_transport;
             let mut result = self
                 .exchange(server, transport, &query, id, view.question, until)
                 .await;
             if let Ok(bytes) = &result
                 && transport == Transport::Udp
+                && route.transport == model::Transport::PreferUdp
                 && wire::is_truncated(bytes)
             {
                 self.observe(server, transport, &result, now);
@@ -303,6 +334,7 @@ impl Upstreams {
                         bytes,
                         sent_id: id,
                         server,
+                        policy: route.store,
                     };
                     if (rc == wire::rcode::SERVFAIL || rc == wire::rcode::REFUSED)
                         && attempt + 1 < n
@@ -329,7 +361,8 @@ impl Upstreams {
             Ok(b) => AttemptResult::Reply(wire::header_rcode(b)),
             Err(e) => AttemptResult::Failed(*e),
         };
-        self.observer.attempt(server, t, res, since.elapsed());
+        self.observer
+            .attempt(self.servers[server], t, res, since.elapsed());
     }
 
     async fn exchange(
@@ -393,19 +426,62 @@ async fn udp_exchange(
         .map_err(|e| io_to_attempt(&e))?;
     sock.connect(server).await.map_err(|e| io_to_attempt(&e))?;
     sock.send(query).await.map_err(|e| io_to_attempt(&e))?;
-    // Room for the largest datagram, filled by the kernel without zeroing it first.
-    let mut buf = Vec::with_capacity(65535);
+    // nodedns advertises 1232 bytes (RFC 9715's default), so 4 KiB holds any reply an upstream
+    // should send; one byte more tells a longer datagram (cut by the kernel) from one that fits.
+    // That one is treated as truncated (retried over TCP where the zone allows), not parsed. A
+    // 64 KiB buffer per attempt was ~125 MiB of reservations at `--max-concurrent 2000`.
+    let mut buf = Vec::with_capacity(UDP_REPLY_MAX + 1);
     loop {
         buf.clear();
         sock.recv_buf(&mut buf)
             .await
             .map_err(|e| io_to_attempt(&e))?;
         if matches(&buf, id, question) {
+            if buf.len() > UDP_REPLY_MAX {
+                return Ok(truncated_reply(&buf, question.len()));
+            }
             return Ok(buf);
         }
         tracing::debug!(%server, "ignoring a UDP reply that does not match the query");
     }
 }
+
+/// The largest UDP reply read whole; see `udp_exchange`.
+const UDP_REPLY_MAX: usize = 4096;
+
+/// Header and question of `reply` with TC=1 and no records: what an over-long datagram becomes.
+fn truncated_reply(reply: &[u8], question_len: usize) -> Vec<u8> {
+    let end = (wire::HEADER_LEN + question_len).min(reply.len());
+    let mut out = reply[..end].to_vec();
+    if out.len() >= wire::HEADER_LEN {
+        out[2] |= 0x02; // TC
+        out[6..12].fill(0);
+    }
+    out
+}
+
+/// Picks a query ID not in use on a connection: `preferred` if free, else a random free one; `None`
+/// when (nearly) every ID is taken, so the attempt fails instead of searching forever under the lock.
+fn free_id<V>(pending: &HashMap<u16, V>, preferred: u16) -> Option<u16> {
+    if !pending.contains_key(&preferred) {
+        return Some(preferred);
+    }
+    if pending.len() >= MAX_PENDING_PER_CONN {
+        return None;
+    }
+    // At most MAX_PENDING of 65,536 IDs are taken, so a random pick is free with odds ≥ 1/4;
+    // bounded anyway, then a scan.
+    for _ in 0..64 {
+        let id: u16 = rand::random();
+        if !pending.contains_key(&id) {
+            return Some(id);
+        }
+    }
+    (0..=u16::MAX).find(|id| !pending.contains_key(id))
+}
+
+/// Queries in flight on one upstream TCP connection at most (of 65,536 IDs).
+const MAX_PENDING_PER_CONN: usize = 49_152;
 
 type Pending = Arc<Mutex<HashMap<u16, oneshot::Sender<Vec<u8>>>>>;
 
@@ -465,10 +541,8 @@ impl TcpPool {
         frame.extend_from_slice(query);
         let id = {
             let mut pending = conn.pending.lock().map_err(|_| AttemptError::Network)?;
-            let mut id = u16::from_be_bytes([query[0], query[1]]);
-            while pending.contains_key(&id) {
-                id = rand::random();
-            }
+            let id = free_id(&pending, u16::from_be_bytes([query[0], query[1]]))
+                .ok_or(AttemptError::Network)?;
             pending.insert(id, tx);
             id
         };

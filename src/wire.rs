@@ -378,8 +378,13 @@ pub enum Kind {
 pub struct TtlPolicy {
     pub min_ttl: Duration,
     pub max_ttl: Duration,
+    pub min_negative_ttl: Duration,
     pub max_negative_ttl: Duration,
     pub servfail_ttl: Duration,
+    /// Cache positive answers at all (a zone's `cache` may disable either part).
+    pub positive: bool,
+    /// Cache NXDOMAIN/NODATA at all.
+    pub negative: bool,
 }
 
 impl Default for TtlPolicy {
@@ -387,8 +392,11 @@ impl Default for TtlPolicy {
         TtlPolicy {
             min_ttl: Duration::ZERO,
             max_ttl: Duration::from_secs(30),
+            min_negative_ttl: Duration::ZERO,
             max_negative_ttl: Duration::from_secs(5),
             servfail_ttl: Duration::ZERO,
+            positive: true,
+            negative: true,
         }
     }
 }
@@ -518,6 +526,13 @@ impl Response {
                 _ => Kind::Uncacheable,
             }
         };
+        // A part the zone does not cache: passed through like an uncacheable answer, its TTLs as
+        // upstream gave them (not lowered to a zero lifetime).
+        let kind = match kind {
+            Kind::Positive if !policy.positive => Kind::Uncacheable,
+            Kind::Negative if !policy.negative => Kind::Uncacheable,
+            k => k,
+        };
         let secs = |d: Duration| d.as_secs().min(u32::MAX as u64) as u32;
         let lifetime_secs: u32 = match kind {
             Kind::Positive => min_answer_ttl.unwrap_or(0).clamp(
@@ -525,7 +540,12 @@ impl Response {
                 secs(policy.max_ttl).max(secs(policy.min_ttl)),
             ),
             // No SOA: RFC 2308 §5 says do not cache.
-            Kind::Negative => soa_negative_ttl.map_or(0, |t| t.min(secs(policy.max_negative_ttl))),
+            Kind::Negative => soa_negative_ttl.map_or(0, |t| {
+                t.clamp(
+                    secs(policy.min_negative_ttl),
+                    secs(policy.max_negative_ttl).max(secs(policy.min_negative_ttl)),
+                )
+            }),
             Kind::ServFail => secs(policy.servfail_ttl),
             Kind::Uncacheable => 0,
         };
@@ -742,6 +762,26 @@ pub fn render(
         out[10..12].copy_from_slice(&ar.to_be_bytes());
         push_opt(out, EDNS_PAYLOAD, 0, view.dnssec_ok());
     }
+}
+
+/// Turns `cluster.local`, `cluster.local.` or `.` into lowercased wire format.
+pub fn name_from_str(zone: &str) -> Result<Vec<u8>, String> {
+    let z = zone.trim_end_matches('.');
+    let mut out = Vec::new();
+    if !z.is_empty() {
+        for label in z.split('.') {
+            if label.is_empty() || label.len() > 63 {
+                return Err(format!("bad zone name {zone:?}"));
+            }
+            out.push(label.len() as u8);
+            out.extend(label.bytes().map(|b| b.to_ascii_lowercase()));
+        }
+    }
+    out.push(0);
+    if out.len() > MAX_NAME_LEN {
+        return Err(format!("zone name {zone:?} is too long"));
+    }
+    Ok(out)
 }
 
 /// Whether a message has TC=1.

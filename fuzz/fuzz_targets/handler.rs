@@ -10,7 +10,7 @@ use nodedns::handler::{Handler, Outcome, Proto};
 use nodedns::wire::TtlPolicy;
 
 fuzz_target!(|data: &[u8]| {
-    let h = Handler::new(Cache::new(Limits::default()), TtlPolicy::default());
+    let h = Handler::new(Cache::new(Limits::default()));
     let mut out = Vec::new();
     for proto in [Proto::Udp, Proto::Tcp] {
         if let Outcome::Reply(_) = h.answer(data, proto, Instant::now(), &mut out) {

@@ -38,19 +38,16 @@ fn defaults_match_the_addon() {
         .into_config(no_env)
         .unwrap();
     assert_eq!(c.listen, vec!["169.254.20.10:53".parse().unwrap()]);
-    assert_eq!(c.policy.max_ttl, Duration::from_secs(30));
-    assert_eq!(c.policy.max_negative_ttl, Duration::from_secs(5));
+    assert_eq!(c.zones[0].cache.max_ttl, Duration::from_secs(30));
+    assert_eq!(c.zones[0].cache.max_negative_ttl, Duration::from_secs(5));
     assert_eq!(c.limits.positive_entries, 9984);
     assert_eq!(c.limits.negative_entries, 9984);
     assert_eq!(c.upstream.attempt_timeout, Duration::from_secs(2));
     assert_eq!(c.upstream.deadline, Duration::from_secs(5));
-    assert_eq!(
-        c.zones,
-        vec![ZoneSpec {
-            zone: ".".into(),
-            servers: vec!["127.0.0.1:53".parse().unwrap()]
-        }]
-    );
+    assert_eq!(c.zones.len(), 1);
+    assert_eq!(c.zones[0].name, ".");
+    assert_eq!(c.zones[0].servers, vec!["127.0.0.1:53".parse().unwrap()]);
+    assert_eq!(c.zones[0].transport, model::Transport::PreferUdp);
 }
 
 #[test]
@@ -104,7 +101,7 @@ fn cluster_dns_from_service_env() {
     let zones: Vec<_> = c
         .zones
         .iter()
-        .map(|z| (z.zone.as_str(), z.servers[0].to_string()))
+        .map(|z| (z.name.as_str(), z.servers[0].to_string()))
         .collect();
     assert!(zones.contains(&("cluster.local", "10.96.0.10:53".into())));
     assert!(zones.contains(&("in-addr.arpa", "10.96.0.10:53".into())));

@@ -7,7 +7,7 @@ use hickory_proto::rr::RecordType;
 use std::time::Duration;
 
 fn handler() -> Handler {
-    Handler::new(Cache::new(Limits::default()), TtlPolicy::default())
+    Handler::new(Cache::new(Limits::default()))
 }
 
 #[test]
@@ -23,7 +23,9 @@ fn miss_then_store_then_hit() {
     let v = scan_query(&q).unwrap();
     let mut up = Vec::new();
     build_upstream_query(&v, 77, &mut up);
-    let resp = h.store(&v, &a_reply(&up, &[20]), 77, t).unwrap();
+    let resp = h
+        .store(&v, &a_reply(&up, &[20]), 77, &TtlPolicy::default(), t)
+        .unwrap();
     let a = h.complete(&v, &resp, Proto::Udp, t, &mut out);
     assert_eq!(a.source, Source::Upstream);
     let q2 = query(11, "SVC.ns.svc.cluster.local.", RecordType::A, None);

@@ -1,19 +1,58 @@
 use super::*;
 use std::str::FromStr;
 
+fn zone(name: &str, server: &str) -> Zone {
+    Zone {
+        name: crate::config::model::normalize_zone(name).unwrap(),
+        servers: vec![SocketAddr::from_str(server).unwrap()],
+        transport: model::Transport::PreferUdp,
+        policy: Policy::RoundRobin,
+        forward: Default::default(),
+        cache: CachePolicy::FLAGS,
+        origin: Default::default(),
+    }
+}
+
 fn ups(zones: &[(&str, &str)]) -> Upstreams {
-    let specs: Vec<ZoneSpec> = zones
-        .iter()
-        .map(|(z, s)| ZoneSpec {
-            zone: z.to_string(),
-            servers: vec![SocketAddr::from_str(s).unwrap()],
-        })
-        .collect();
+    let specs: Vec<Zone> = zones.iter().map(|(z, s)| zone(z, s)).collect();
     Upstreams::new(&specs, Options::default()).unwrap()
 }
 
 fn wire(name: &str) -> Vec<u8> {
-    zone_to_wire(name).unwrap()
+    wire::name_from_str(name).unwrap()
+}
+
+#[test]
+fn a_zone_given_twice_keeps_only_the_later_servers() {
+    // `--upstream 8.8.8.8 --forward .=1.1.1.1`: 8.8.8.8 routes nothing, so it must not be dialled,
+    // probed (readiness) or counted.
+    let u = ups(&[(".", "127.0.0.1:1"), (".", "127.0.0.1:2")]);
+    assert_eq!(u.servers(), &["127.0.0.1:2".parse::<SocketAddr>().unwrap()]);
+}
+
+#[test]
+fn tcp_ids_are_bounded() {
+    let mut pending: HashMap<u16, ()> = HashMap::new();
+    assert_eq!(free_id(&pending, 7), Some(7));
+    pending.insert(7, ());
+    let other = free_id(&pending, 7).unwrap();
+    assert_ne!(other, 7);
+    for id in 0..MAX_PENDING_PER_CONN as u16 {
+        pending.insert(id, ());
+    }
+    assert_eq!(free_id(&pending, 7), None, "full: fail the attempt, never spin");
+}
+
+#[test]
+fn an_over_long_udp_reply_becomes_truncated() {
+    let q = b"\x01a\x00\x00\x01\x00\x01";
+    let mut reply = vec![0x12, 0x34, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0];
+    reply.extend_from_slice(q);
+    reply.resize(UDP_REPLY_MAX + 1, 0);
+    let t = truncated_reply(&reply, q.len());
+    assert!(wire::is_truncated(&t));
+    assert!(matches(&t, 0x1234, q));
+    assert_eq!(&t[6..12], &[0; 6]);
 }
 
 #[test]
@@ -44,13 +83,13 @@ fn without_a_root_zone_other_names_have_no_route() {
 
 #[test]
 fn zone_names_validate() {
-    assert_eq!(zone_to_wire(".").unwrap(), vec![0]);
+    assert_eq!(wire::name_from_str(".").unwrap(), vec![0]);
     assert_eq!(
-        zone_to_wire("Cluster.Local.").unwrap(),
+        wire::name_from_str("Cluster.Local.").unwrap(),
         b"\x07cluster\x05local\x00".to_vec()
     );
-    assert!(zone_to_wire("a..b").is_err());
-    assert!(zone_to_wire(&"x".repeat(64)).is_err());
+    assert!(wire::name_from_str("a..b").is_err());
+    assert!(wire::name_from_str(&"x".repeat(64)).is_err());
 }
 
 #[test]
