@@ -78,7 +78,8 @@ fn filled(entries: usize, now: Instant) -> Handler {
         let v = scan_query(&q).expect("bench query scans");
         build_upstream_query(&v, 7, &mut up);
         let r = reply(&up, 3600, (i as u32).to_be_bytes());
-        h.store(&v, &r, 7, &TtlPolicy::default(), now).expect("bench reply is valid");
+        h.store(&v, &r, 7, &TtlPolicy::default(), now)
+            .expect("bench reply is valid");
     }
     assert_eq!(h.cache.stats().positive_entries, entries as u64);
     h

@@ -8,7 +8,7 @@
 //!   alive: it sends `health.nodedns. CH TXT` over UDP to the DNS listener and returns 200 only
 //!   if a reply with the same ID arrives within the probe timeout (1 s by default). A wedged
 //!   listener therefore fails liveness and gets restarted by the kubelet.
-//! * `/ready` is 200 once the lead's code has set all of `listeners_bound`, `setup_done` and
+//! * `/ready` is 200 once the wiring (`app`) has set all of `listeners_bound`, `setup_done` and
 //!   `upstream_reachable`; otherwise 503 with the missing flags named in the body.
 //! * `/metrics` negotiates the format from `Accept`: OpenMetrics 1.0 when the scraper asks for
 //!   it (Prometheus does), else the classic text format 0.0.4 (curl, older agents).
@@ -93,7 +93,9 @@ impl AdminState {
         self.setup_done.store(v, Ordering::Relaxed);
     }
 
-    /// Set while at least one upstream answers; cleared when all are down.
+    /// Set once an upstream has answered (the readiness probe or real traffic). Never cleared:
+    /// readiness steers no traffic to a node-local cache, so a flapping `/ready` would only restart
+    /// rollouts; per-upstream health is a metric instead.
     pub fn set_upstream_reachable(&self, v: bool) {
         self.upstream_reachable.store(v, Ordering::Relaxed);
     }

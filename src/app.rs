@@ -122,7 +122,8 @@ impl Observer for UpstreamRecorder {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let upstreams = Upstreams::new(&config.zones, config.upstream).map_err(anyhow::Error::msg)?;
     let zones_servers = upstreams.servers().to_vec();
-    let metrics = Arc::new(Metrics::new(&zones_servers, config.server.workers));
+    // One shard per UDP worker, and one for TCP.
+    let metrics = Arc::new(Metrics::new(&zones_servers, config.server.workers + 1));
     let first = config.server.listen[0];
     let admin_state = Arc::new(AdminState::new(metrics.clone(), Some(first)));
     let observer = Arc::new(UpstreamRecorder {
@@ -180,29 +181,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
     tracing::info!(listen = ?listeners.bound, "serving DNS");
     admin_state.set_listeners_bound(true);
-    // Rules only now that the listeners are bound.
-    if node.setup_firewall().await {
-        admin_state.set_setup_done(true);
-    }
-    let node = Arc::new(tokio::sync::Mutex::new(node));
 
+    // The HTTP endpoints before any rule: a bad --metrics-listen must fail the start before rules
+    // are installed, not install and at once remove them.
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut admin_tasks = Vec::new();
     let admin_addrs: Vec<SocketAddr> = match (config.metrics_listen, config.health_listen) {
         (Some(m), Some(h)) if m == h => vec![m],
         (m, h) => m.into_iter().chain(h).collect(),
     };
+    let mut admin_listeners = Vec::new();
     for addr in admin_addrs {
-        let l = match admin::bind(addr) {
-            Ok(l) => l,
+        match admin::bind(addr) {
+            Ok(l) => admin_listeners.push((addr, l)),
             Err(e) => {
-                // Leave the node as we found it: no rules or addresses without a running nodedns.
-                let _ = stop_tx.send(true);
-                node.lock().await.teardown().await;
+                // Leave the node as we found it: no addresses without a running nodedns.
+                node.teardown().await;
                 listeners.shutdown().await;
                 return Err(anyhow::anyhow!("cannot bind the HTTP endpoint {addr}: {e}"));
             }
-        };
+        }
+    }
+    let mut admin_tasks = Vec::new();
+    for (addr, l) in admin_listeners {
         tracing::info!(%addr, "serving /metrics, /health and /ready");
         admin_tasks.push(tokio::spawn(admin::serve(
             l,
@@ -210,6 +210,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             stop_rx.clone(),
         )));
     }
+
+    // Rules only now that every listener is bound.
+    if node.setup_firewall().await {
+        admin_state.set_setup_done(true);
+    }
+    let node = Arc::new(tokio::sync::Mutex::new(node));
 
     // Readiness wants one reachable upstream: probe until one answers (real traffic also counts).
     let probe_ctx = ctx.clone();

@@ -89,7 +89,7 @@ impl Handler {
             wire::render_error(&view, rc, out);
             Outcome::Reply(Answered {
                 qtype,
-                rcode: rc.into(),
+                rcode: rc,
                 source: Source::Local,
             })
         };

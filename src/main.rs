@@ -23,6 +23,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = nodedns::config::check_log_level(&cli.log_level) {
+        eprintln!("nodedns: {e}");
+        return ExitCode::from(2);
+    }
     if let Err(e) = init_logging(&cli.log_level, cli.log_format) {
         eprintln!("nodedns: {e}");
         return ExitCode::from(2);
@@ -35,7 +39,9 @@ fn main() -> ExitCode {
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.server.workers.max(1))
+        // The control runtime: TCP, upstream TCP pools, HTTP, probes, reconcile. UDP runs on its own
+        // threads (one per worker), so one thread per CPU here would mostly idle.
+        .worker_threads(2)
         .enable_all()
         .build()
     {
@@ -57,16 +63,20 @@ fn main() -> ExitCode {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::quit()),
     ) else {
         // Without signal handlers, run until killed.
         std::future::pending::<()>().await;
         return;
     };
+    // QUIT too: its default action would kill nodedns without its teardown, leaving the link
+    // and rules on the node.
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+        _ = quit.recv() => {}
     }
 }

@@ -412,7 +412,9 @@ impl Metrics {
     pub fn new(upstreams: &[SocketAddr], workers: usize) -> Self {
         let core = std::sync::Arc::new(Core {
             workers: (0..workers.max(1)).map(|_| WorkerCounters::new()).collect(),
-            upstreams: (0..MAX_UPSTREAMS).map(|_| UpstreamCounters::new()).collect(),
+            upstreams: (0..MAX_UPSTREAMS)
+                .map(|_| UpstreamCounters::new())
+                .collect(),
             upstream_labels: (0..MAX_UPSTREAMS).map(|_| OnceLock::new()).collect(),
             claim: std::sync::Mutex::new(()),
             shared: SharedCounters::default(),

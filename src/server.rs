@@ -218,10 +218,13 @@ impl Ctx {
                 return Err(());
             }
         };
-        match self
-            .handler
-            .store(view, &reply.bytes, reply.sent_id, &reply.policy, Instant::now())
-        {
+        match self.handler.store(
+            view,
+            &reply.bytes,
+            reply.sent_id,
+            &reply.policy,
+            Instant::now(),
+        ) {
             Ok(r) => Ok(r),
             Err(e) => {
                 tracing::debug!(name = ?view.key, error = %e, "bad upstream reply");
@@ -309,18 +312,30 @@ impl Listeners {
             udp_threads.push(t);
         }
         let limit = Arc::new(Semaphore::new(opts.max_tcp_connections.max(1)));
+        // Registered with the runtime here, so a failure is a start error, not a log line in a task
+        // while `/ready` says the listeners are bound.
+        let tcp = {
+            let _in_rt = rt.enter();
+            tcp.into_iter()
+                .zip(&bound)
+                .map(|(l, &addr)| {
+                    TcpListener::from_std(l).map_err(|source| ServerError::Bind {
+                        proto: "tcp",
+                        addr,
+                        source,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        // TCP counts into its own metrics shard, after the UDP workers' (no line shared with a
+        // worker's hit path).
+        let tcp_shard = opts.workers.max(1);
         let tcp_tasks = tcp
             .into_iter()
             .map(|l| {
-                let listener = TcpListener::from_std(l);
                 let (ctx, limit, stop_rx) = (ctx.clone(), limit.clone(), stop_rx.clone());
                 let idle = opts.tcp_idle_timeout;
-                rt.spawn(async move {
-                    match listener {
-                        Ok(l) => accept_loop(l, ctx, limit, stop_rx, idle).await,
-                        Err(e) => tracing::error!(error = %e, "tcp listener"),
-                    }
-                })
+                rt.spawn(accept_loop(l, ctx, limit, stop_rx, idle, tcp_shard))
             })
             .collect();
         Ok(Listeners {
@@ -481,7 +496,14 @@ impl Batch {
                 )
             };
             if r <= 0 {
-                // The first message failed (e.g. unreachable client): skip it and go on.
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    // The send buffer is full: the rest of the batch would fail the same way, one
+                    // system call each. Drop it (clients retry), as a full buffer drops datagrams.
+                    tracing::debug!(dropped = count - sent, "udp send buffer full");
+                    return;
+                }
+                // The first message failed for itself (e.g. an unreachable client): skip it and go on.
                 sent += 1;
             } else {
                 sent += r as usize;
@@ -512,6 +534,13 @@ fn peer_of(sa: &libc::sockaddr_storage) -> Option<SocketAddr> {
         }
         _ => None,
     }
+}
+
+/// Whether `stop` says stop: its value, not whether it changed (a `changed()` await marks the change
+/// seen, and a loop that then asked `has_changed` would never stop: SIGTERM with misses in flight left
+/// a worker spinning on its shut socket). A dropped sender counts as a stop.
+fn stopping(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
 }
 
 /// What a UDP worker's miss tasks share with its loop (one thread, so no atomics).
@@ -564,8 +593,7 @@ fn udp_worker(
         local: Rc::default(),
     };
     let mut b = Batch::new();
-    // A dropped sender counts as a stop.
-    while !stop.has_changed().unwrap_or(true) {
+    while !stopping(&stop) {
         if w.local.misses.get() > 0 {
             w.tasks.block_on(&rt, w.serve_async(&mut b, &mut stop));
             continue;
@@ -619,7 +647,7 @@ impl Worker {
         tokio::task::yield_now().await;
         let mut since_yield = 0;
         loop {
-            if self.local.misses.get() == 0 || stop.has_changed().unwrap_or(true) {
+            if self.local.misses.get() == 0 || stopping(stop) {
                 return;
             }
             // Ready already (the usual case under load): no need to also watch `stop`, whose
@@ -757,6 +785,7 @@ async fn accept_loop(
     limit: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
     idle: Duration,
+    shard: usize,
 ) {
     loop {
         tokio::select! {
@@ -770,7 +799,7 @@ async fn accept_loop(
                     let ctx = ctx.clone();
                     let stop = stop.clone();
                     tokio::spawn(async move {
-                        tcp_conn(stream, ctx, idle, stop).await;
+                        tcp_conn(stream, ctx, idle, stop, shard).await;
                         drop(permit);
                     });
                 }
@@ -793,6 +822,7 @@ async fn tcp_conn(
     ctx: Arc<Ctx>,
     idle: Duration,
     mut stop: watch::Receiver<bool>,
+    shard: usize,
 ) {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
@@ -828,17 +858,17 @@ async fn tcp_conn(
             .answer(&msg, Proto::Tcp, Instant::now(), &mut body)
         {
             Outcome::Reply(a) => {
-                ctx.recorder.answered(0, Proto::Tcp, &a, &msg);
+                ctx.recorder.answered(shard, Proto::Tcp, &a, &msg);
                 if tx.send(frame(body)).await.is_err() {
                     break;
                 }
             }
             Outcome::Drop => {}
             Outcome::Forward { .. } => {
-                if !ctx.begin_forward(0) {
+                if !ctx.begin_forward(shard) {
                     if let Ok(v) = wire::scan_query(&msg) {
                         let a = ctx.handler.fail(&v, rcode::REFUSED, &mut body);
-                        ctx.recorder.answered(0, Proto::Tcp, &a, &msg);
+                        ctx.recorder.answered(shard, Proto::Tcp, &a, &msg);
                         if tx.send(frame(body)).await.is_err() {
                             break;
                         }
@@ -846,16 +876,16 @@ async fn tcp_conn(
                     continue;
                 }
                 let Ok(permit) = pipeline.clone().acquire_owned().await else {
-                    ctx.end_forward(0);
+                    ctx.end_forward(shard);
                     break;
                 };
                 let (ctx, tx) = (ctx.clone(), tx.clone());
                 tokio::spawn(async move {
                     if let Some(a) = ctx.resolve_miss(&msg, Proto::Tcp, &mut body).await {
-                        ctx.recorder.answered(0, Proto::Tcp, &a, &msg);
+                        ctx.recorder.answered(shard, Proto::Tcp, &a, &msg);
                         let _ = tx.send(frame(body)).await;
                     }
-                    ctx.end_forward(0);
+                    ctx.end_forward(shard);
                     drop(permit);
                 });
             }

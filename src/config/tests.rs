@@ -173,3 +173,35 @@ fn a_later_flag_overrides_an_earlier_one_and_lists_accumulate() {
     );
     assert_eq!(c.listen.len(), 2);
 }
+
+#[test]
+fn resolv_conf_parsing() {
+    let s = parse_resolv_conf(
+        "# comment\nsearch a b\nnameserver 10.0.0.2 # trailing\nnameserver fd00::1\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\noptions ndots:5\n",
+    )
+    .unwrap();
+    assert_eq!(
+        s,
+        vec![
+            "10.0.0.2:53".parse::<SocketAddr>().unwrap(),
+            "[fd00::1]:53".parse().unwrap()
+        ]
+    );
+    assert!(
+        parse_resolv_conf("nameserver nope\n")
+            .unwrap_err()
+            .contains("line 1")
+    );
+    assert!(parse_resolv_conf("search x\n").is_err());
+    assert!(parse_resolv_conf("").is_err());
+}
+
+#[test]
+fn log_levels_are_checked() {
+    for ok in ["info", "WARN", "nodedns=debug,warn", "off", "a::b=trace"] {
+        assert!(check_log_level(ok).is_ok(), "{ok}");
+    }
+    for bad in ["warning", "verbose", "nodedns=loud", ""] {
+        assert!(check_log_level(bad).is_err(), "{bad}");
+    }
+}

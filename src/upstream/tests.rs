@@ -40,7 +40,11 @@ fn tcp_ids_are_bounded() {
     for id in 0..MAX_PENDING_PER_CONN as u16 {
         pending.insert(id, ());
     }
-    assert_eq!(free_id(&pending, 7), None, "full: fail the attempt, never spin");
+    assert_eq!(
+        free_id(&pending, 7),
+        None,
+        "full: fail the attempt, never spin"
+    );
 }
 
 #[test]

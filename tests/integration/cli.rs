@@ -7,8 +7,16 @@ use crate::harness::{bin, free_port, safety_args};
 
 /// Runs the binary with `args` and waits (bounded, 10 s) for it to exit.
 fn run(args: &[&str]) -> Output {
+    run_env(args, &[])
+}
+
+fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(bin())
         .args(args)
+        .env_remove("KUBE_DNS_UPSTREAM_SERVICE_HOST")
+        .env_remove("KUBE_DNS_UPSTREAM_SERVICE_PORT")
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -34,14 +42,19 @@ fn run(args: &[&str]) -> Output {
 /// Runs the binary with `args` (plus the safety flags and, unless `args` has one, a loopback
 /// `--listen`, so that a wrongly accepted command line cannot touch the host) and checks that it
 /// fails as a usage error.
-fn assert_usage_error(args: &[&str]) {
+fn assert_usage_error(args: &[&str]) -> String {
+    assert_usage_error_env(args, &[])
+}
+
+/// [`assert_usage_error`] with extra environment variables; returns the one stderr line.
+fn assert_usage_error_env(args: &[&str], env: &[(&str, &str)]) -> String {
     let listen = format!("127.0.0.1:{}", free_port());
     let mut full: Vec<&str> = safety_args();
     if !args.contains(&"--listen") {
         full.extend(["--listen", &listen]);
     }
     full.extend_from_slice(args);
-    let out = run(&full);
+    let out = run_env(&full, env);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
@@ -56,6 +69,7 @@ fn assert_usage_error(args: &[&str]) {
         "nodedns {args:?}: exactly one line on stderr expected, got {}:\n{stderr}",
         lines.len()
     );
+    lines[0].to_string()
 }
 
 const UP: &str = "127.0.0.1:5399";
@@ -93,6 +107,49 @@ fn bad_duration_exits_2() {
 fn bad_number_exits_2() {
     assert_usage_error(&["--upstream", UP, "--cache-size", "-1"]);
     assert_usage_error(&["--upstream", UP, "--cache-size", "lots"]);
+}
+
+#[test]
+fn unknown_log_level_exits_2_naming_the_levels() {
+    // `warning` was taken as a target filter: every line, errors included, silently off.
+    let line = assert_usage_error(&["--upstream", UP, "--log-level", "warning"]);
+    assert!(line.contains("warn, info"), "{line}");
+    assert_usage_error(&["--upstream", UP, "--log-level", "nodedns=loud"]);
+}
+
+#[test]
+fn port_zero_upstreams_exit_2() {
+    assert_usage_error(&["--upstream", "127.0.0.1:0"]);
+    assert_usage_error(&["--upstream", UP, "--forward", "cluster.local=127.0.0.1:0"]);
+    let line = assert_usage_error_env(
+        &["--upstream", UP],
+        &[
+            ("KUBE_DNS_UPSTREAM_SERVICE_HOST", "127.0.0.1"),
+            ("KUBE_DNS_UPSTREAM_SERVICE_PORT", "0"),
+        ],
+    );
+    assert!(line.contains("KUBE_DNS_UPSTREAM_SERVICE_PORT"), "{line}");
+}
+
+#[test]
+fn bad_cluster_domain_exits_2() {
+    assert_usage_error_env(
+        &["--upstream", UP, "--cluster-domain", "a..b"],
+        &[("KUBE_DNS_UPSTREAM_SERVICE_HOST", "127.0.0.1")],
+    );
+}
+
+#[test]
+fn garbage_resolv_conf_is_one_line_naming_it() {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("garbage-resolv.conf");
+    std::fs::write(&path, "nameserver not-an-ip\n\x01\x02 garbage\n").unwrap();
+    let p = path.to_string_lossy().into_owned();
+    // safety_args' own --resolv-conf comes first; this later one wins.
+    let line = assert_usage_error(&["--resolv-conf", &p]);
+    assert!(
+        line.contains("garbage-resolv.conf") && line.contains("line 1"),
+        "{line}"
+    );
 }
 
 #[test]

@@ -63,6 +63,8 @@ struct State {
     /// (lowercased name without trailing dot, type) -> records.
     zone: HashMap<(String, RecordType), RecordSet>,
     behaviors: HashMap<String, Behavior>,
+    /// For names without a behavior of their own (`None`: Normal).
+    default_behavior: Option<Behavior>,
     queries: HashMap<String, usize>,
     tcp_queries_by_name: HashMap<String, usize>,
     last_query: HashMap<String, Message>,
@@ -233,6 +235,11 @@ impl FakeUpstream {
         self.lock().soa = None;
     }
 
+    /// How names without a behavior of their own are answered.
+    pub fn set_default_behavior(&self, behavior: Behavior) {
+        self.lock().default_behavior = Some(behavior);
+    }
+
     pub fn set_behavior(&self, name: &str, behavior: Behavior) {
         self.lock().behaviors.insert(norm(name), behavior);
     }
@@ -398,7 +405,11 @@ async fn handle(packet: &[u8], transport: Transport, state: &Mutex<State>) -> Op
             }
         }
         s.last_query.insert(key.clone(), query.clone());
-        s.behaviors.get(&key).copied().unwrap_or(Behavior::Normal)
+        s.behaviors
+            .get(&key)
+            .copied()
+            .or(s.default_behavior)
+            .unwrap_or(Behavior::Normal)
     };
 
     let mut reply = Message::response(query.id, query.op_code);

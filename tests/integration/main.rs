@@ -10,6 +10,7 @@ mod edge_e2e;
 mod fake_selftest;
 mod fake_upstream;
 mod harness;
+mod lifecycle;
 mod metrics_e2e;
 mod netns_e2e;
 mod robustness;
