@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use crate::handler::{Answered, Handler, Proto, Source};
 use crate::logging::RateLimitedLog;
 use crate::metrics::{self, CacheKind, CacheSnapshot, Metrics, UpstreamFailure};
 use crate::node::Node;
+use crate::reload::{Rebuild, Reloader, reload_signals};
 use crate::server::{Ctx, Listeners, Recorder};
 use crate::upstream::{AttemptError, AttemptResult, Observer, Transport, Upstreams};
 use crate::wire::{self, rcode};
@@ -31,7 +33,8 @@ fn metrics_proto(p: Proto) -> metrics::Proto {
 /// Counts requests, hits and misses; writes the query log when asked to.
 struct RequestRecorder {
     metrics: Arc<Metrics>,
-    log_queries: bool,
+    /// Read-mostly (a reload may flip it): a relaxed load per answered query.
+    log_queries: Arc<AtomicBool>,
 }
 
 impl Recorder for RequestRecorder {
@@ -45,7 +48,7 @@ impl Recorder for RequestRecorder {
                 CacheKind::Positive
             });
         }
-        if self.log_queries {
+        if self.log_queries.load(Ordering::Relaxed) {
             let name = wire::scan_query(query)
                 .map(|v| wire::name_to_string(v.key.name()))
                 .unwrap_or_else(|_| "-".into());
@@ -118,8 +121,20 @@ impl Observer for UpstreamRecorder {
     }
 }
 
-/// Runs nodedns until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// Runs nodedns until `shutdown` completes. With `rebuild`, SIGHUP, SIGUSR1 and a change of the
+/// configuration's input files reload it (see [`crate::reload`]).
+pub async fn run(
+    config: Config,
+    rebuild: Option<Rebuild>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let signals = match reload_signals() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install SIGHUP/SIGUSR1 handlers; reload by signal is off");
+            None
+        }
+    };
     let upstreams = Upstreams::new(&config.zones, config.upstream).map_err(anyhow::Error::msg)?;
     let zones_servers = upstreams.servers().to_vec();
     // One shard per UDP worker, and one for TCP.
@@ -131,14 +146,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         admin: admin_state.clone(),
         limiter: RateLimitedLog::new(5, Duration::from_secs(10)),
     });
-    let upstreams = upstreams.with_observer(observer);
+    let upstreams = upstreams.with_observer(observer.clone());
+    metrics.set_config_generation(1);
     for z in &config.zones {
         tracing::info!(zone = %z.name, servers = ?z.servers, transport = ?z.transport, "forwarding");
     }
     let handler = Handler::new(Cache::new(config.limits));
+    let log_queries = Arc::new(AtomicBool::new(config.log_queries));
     let recorder = Arc::new(RequestRecorder {
         metrics: metrics.clone(),
-        log_queries: config.log_queries,
+        log_queries: log_queries.clone(),
     });
     let ctx = Arc::new(Ctx::new(
         handler,
@@ -257,8 +274,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     });
 
+    let reloader = rebuild.zip(signals).map(|(rebuild, signals)| {
+        let r = Reloader {
+            ctx: ctx.clone(),
+            metrics: metrics.clone(),
+            rebuild,
+            current: config.clone(),
+            observer: observer.clone(),
+            log_queries,
+            generation: 1,
+        };
+        tokio::spawn(r.run(signals, stop_rx.clone()))
+    });
+
     shutdown.await;
     tracing::info!("shutting down");
+    if let Some(r) = reloader {
+        r.abort();
+    }
     let _ = stop_tx.send(true);
     prober.abort();
     // Let a reconcile pass in progress finish (it may be adding rules in a blocking task that an

@@ -95,15 +95,18 @@ impl Default for Limits {
     }
 }
 
+/// An entry's weight: its bytes, but at least `budget / max entries` (the floor), so both bounds
+/// hold through one weight. The floor is shared and can change on reload: it is read when an entry
+/// is stored, never on a hit.
 #[derive(Clone)]
 struct EntryWeight {
-    floor: u64,
+    floor: Arc<AtomicU64>,
 }
 
 impl Weighter<u64, Response> for EntryWeight {
     fn weight(&self, _: &u64, val: &Response) -> u64 {
         let bytes = (val.weight() + std::mem::size_of::<u64>()) as u64;
-        bytes.max(self.floor)
+        bytes.max(self.floor.load(Ordering::Relaxed))
     }
 }
 
@@ -123,6 +126,11 @@ type Shard = quick_cache::sync::Cache<u64, Response, EntryWeight, DefaultHashBui
 struct Part {
     cache: Shard,
     evictions: Evictions,
+    floor: Arc<AtomicU64>,
+}
+
+fn floor_of(entries: usize, bytes: u64) -> u64 {
+    (bytes.max(1) / entries.max(1) as u64).max(1)
 }
 
 impl Part {
@@ -130,18 +138,29 @@ impl Part {
         let entries = entries.max(1);
         let bytes = bytes.max(1);
         let evictions = Evictions::default();
+        let floor = Arc::new(AtomicU64::new(floor_of(entries, bytes)));
         Part {
             cache: Shard::with(
                 entries,
                 bytes,
                 EntryWeight {
-                    floor: (bytes / entries as u64).max(1),
+                    floor: floor.clone(),
                 },
                 DefaultHashBuilder::default(),
                 evictions.clone(),
             ),
             evictions,
+            floor,
         }
+    }
+
+    /// New bounds in place: the byte budget at once (quick_cache evicts down to it), the entry
+    /// bound through the weight floor, which entries stored from now on carry (older entries keep
+    /// the weight they were stored with until they turn over, so the entry bound converges).
+    fn resize(&self, entries: usize, bytes: u64) {
+        self.floor
+            .store(floor_of(entries, bytes), Ordering::Relaxed);
+        self.cache.set_capacity(bytes.max(1));
     }
 }
 
@@ -229,10 +248,19 @@ impl Cache {
         }
     }
 
-    /// Removes every entry.
-    pub fn clear(&self) {
-        self.positive.cache.clear();
-        self.negative.cache.clear();
+    /// Applies new limits without dropping the cache (a reload).
+    pub fn resize(&self, limits: Limits) {
+        self.positive
+            .resize(limits.positive_entries, limits.positive_bytes);
+        self.negative
+            .resize(limits.negative_entries, limits.negative_bytes);
+    }
+
+    /// Keeps only the entries `keep` accepts (a reload drops what the new policy forbids). Takes
+    /// each shard's write lock in turn: run it off the hit path's threads.
+    pub fn retain(&self, keep: impl Fn(&Response) -> bool) {
+        self.positive.cache.retain(|_, r| keep(r));
+        self.negative.cache.retain(|_, r| keep(r));
     }
 
     pub fn stats(&self) -> Stats {

@@ -23,7 +23,7 @@ use model::{CachePolicy, Policy, Sources, Transport, Zone};
 
 /// A node-local DNS cache for Kubernetes: answers pods from a TTL-aware cache and forwards misses,
 /// the cluster zones to the cluster DNS and the rest to the node's resolvers.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "nodedns",
     version,
@@ -162,6 +162,11 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR:PORT|off", default_value = "0.0.0.0:9253", value_parser = parse_optional_listen)]
     pub metrics_listen: OptionalAddr,
 
+    /// How often the configuration's input files (resolv.conf, --conf, the kube-dns ConfigMap) are
+    /// checked for a change, which reloads; SIGHUP and SIGUSR1 reload at once.
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+
     /// Address of the /health and /ready endpoints (also serves /metrics); default: the first
     /// --listen IP, port 8080 (as the addon's health plugin); `off` disables.
     #[arg(long, value_name = "ADDR:PORT|off", value_parser = parse_optional_listen)]
@@ -216,10 +221,15 @@ pub struct Config {
     pub health_listen: Option<SocketAddr>,
     pub log_queries: bool,
     pub node: NodeOptions,
+    /// Files (or ConfigMap directories) the configuration was read from: a change of their
+    /// content triggers a reload.
+    pub inputs: Vec<PathBuf>,
+    /// How often `inputs` are checked for a change.
+    pub reload_interval: Duration,
 }
 
 /// Node setup: the link, its addresses and the packet-filter rules.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeOptions {
     pub setup_interface: bool,
     pub interface: String,
@@ -571,6 +581,13 @@ impl Cli {
         if self.sync_interval.is_zero() {
             return bad("--sync-interval must be above zero".into());
         }
+        if self.reload_interval < Duration::from_millis(100) {
+            return bad("--reload-interval must be at least 100ms".into());
+        }
+        let mut inputs = Vec::new();
+        if self.upstream.is_empty() && !self.forward.iter().any(|z| z.zone == ".") {
+            inputs.push(self.resolv_conf.clone());
+        }
         let health_listen = match self.health_listen {
             Some(OptionalAddr(a)) => a,
             None => Some(SocketAddr::new(self.listen[0].ip(), 8080)),
@@ -579,6 +596,8 @@ impl Cli {
             metrics_listen: self.metrics_listen.0,
             health_listen,
             log_queries: self.log_queries,
+            inputs,
+            reload_interval: self.reload_interval,
             node: NodeOptions {
                 setup_interface: self.setup_interface,
                 interface: self.interface.clone(),

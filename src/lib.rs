@@ -13,6 +13,7 @@ pub mod logging;
 pub mod metrics;
 pub mod netif;
 pub mod node;
+pub mod reload;
 pub mod server;
 pub mod upstream;
 pub mod wire;

@@ -31,6 +31,13 @@ fn main() -> ExitCode {
         eprintln!("nodedns: {e}");
         return ExitCode::from(2);
     }
+    let flags = cli.clone();
+    let rebuild: nodedns::reload::Rebuild = Box::new(move || {
+        flags
+            .clone()
+            .into_config(|k| std::env::var(k).ok())
+            .map_err(|e| e.to_string())
+    });
     let config = match cli.into_config(|k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
@@ -51,7 +58,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(nodedns::app::run(config, wait_for_signal())) {
+    match rt.block_on(nodedns::app::run(config, Some(rebuild), wait_for_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Our errors carry their cause in their message already.

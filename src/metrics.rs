@@ -123,6 +123,33 @@ impl UpstreamFailure {
     }
 }
 
+/// How a reload ended (`nodedns_reloads_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// The new configuration serves.
+    Applied,
+    /// It did not parse or validate; the old one keeps serving.
+    Failed,
+    /// It changes what needs a restart (listen addresses, interface, firewall); the old one keeps
+    /// serving.
+    RestartRequired,
+}
+
+impl ReloadResult {
+    pub const ALL: [ReloadResult; 3] = [
+        ReloadResult::Applied,
+        ReloadResult::Failed,
+        ReloadResult::RestartRequired,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            ReloadResult::Applied => "applied",
+            ReloadResult::Failed => "failed",
+            ReloadResult::RestartRequired => "restart_required",
+        }
+    }
+}
+
 /// Node setup step that failed (`nodedns_setup_errors_total{kind}`), mirroring node-cache's
 /// `coredns_nodecache_setup_errors_total{errortype}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -348,6 +375,9 @@ impl UpstreamCounters {
 struct SharedCounters {
     evictions: [AtomicU64; 2],
     setup_errors: [AtomicU64; 6],
+    /// The configuration generation serving now (1 at start, +1 per applied reload).
+    config_generation: AtomicU64,
+    reloads: [AtomicU64; 3],
 }
 
 /// Cache occupancy read at scrape time from the provider set with
@@ -527,6 +557,19 @@ impl Metrics {
     }
 
     /// Counts one setup error.
+    /// Counts a reload attempt.
+    pub fn reload(&self, result: ReloadResult) {
+        self.core.shared.reloads[result as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Sets the configuration generation now serving.
+    pub fn set_config_generation(&self, generation: u64) {
+        self.core
+            .shared
+            .config_generation
+            .store(generation, Relaxed);
+    }
+
     #[inline]
     pub fn setup_error(&self, kind: SetupErrorKind) {
         self.core.shared.setup_errors[kind as usize].fetch_add(1, Relaxed);
@@ -824,6 +867,29 @@ impl Collector for ScrapeCollector {
             for kind in SetupErrorKind::ALL {
                 let v = core.shared.setup_errors[kind as usize].load(Relaxed);
                 m.encode_family(&[("kind", kind.label())])?
+                    .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+            }
+        }
+
+        // nodedns_config_generation, nodedns_reloads_total{result}
+        {
+            let v = core.shared.config_generation.load(Relaxed) as i64;
+            enc.encode_descriptor(
+                "nodedns_config_generation",
+                "Generation of the configuration serving now (1 at start, +1 per applied reload)",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&v)?;
+            let mut m = enc.encode_descriptor(
+                "nodedns_reloads",
+                "Configuration reloads (SIGHUP, SIGUSR1, or a changed input file), by result",
+                None,
+                MetricType::Counter,
+            )?;
+            for r in ReloadResult::ALL {
+                let v = core.shared.reloads[r as usize].load(Relaxed);
+                m.encode_family(&[("result", r.label())])?
                     .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
             }
         }

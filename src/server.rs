@@ -112,7 +112,8 @@ pub struct Ctx {
     /// One upstream query per key at a time; later askers wait for its result.
     flights: Mutex<HashMap<Key, watch::Receiver<Flight>>>,
     in_flight: AtomicUsize,
-    max_concurrent: usize,
+    /// Changed by a reload.
+    max_concurrent: AtomicUsize,
 }
 
 impl Ctx {
@@ -128,7 +129,7 @@ impl Ctx {
             recorder,
             flights: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
-            max_concurrent: max_concurrent.max(1),
+            max_concurrent: AtomicUsize::new(max_concurrent.max(1)),
         }
     }
 
@@ -149,10 +150,17 @@ impl Ctx {
         }
     }
 
+    /// A reload's new `--max-concurrent`.
+    pub fn set_max_concurrent(&self, n: usize) {
+        self.max_concurrent.store(n.max(1), Ordering::Relaxed);
+    }
+
     /// Reserves a slot for a forwarded query, or says the limit is reached.
     fn begin_forward(&self, worker: usize) -> bool {
         self.recorder.miss(worker);
-        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_concurrent {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel)
+            >= self.max_concurrent.load(Ordering::Relaxed)
+        {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return false;
         }

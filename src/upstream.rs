@@ -19,7 +19,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::model::{self, CachePolicy, Policy, Zone};
-use crate::wire::{self, QueryView, TtlPolicy};
+use crate::wire::{self, Kind, QueryView, Response, TtlPolicy};
 
 /// How long an unused upstream TCP connection is kept.
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -268,6 +268,29 @@ impl Upstreams {
                 return None;
             }
             pos += 1 + l;
+        }
+    }
+
+    /// Whether a cached response may stay under this generation's policy for its name: its zone
+    /// still caches its kind, and its lifetime is within the zone's caps (a lowered cap drops longer
+    /// entries; a raised one keeps everything). Names no zone routes any more are dropped.
+    pub fn keeps(&self, r: &Response) -> bool {
+        let Some((_, route)) = self.route(r.key_name()) else {
+            return false;
+        };
+        let p = &route.store;
+        let secs = r.lifetime.as_secs();
+        match r.kind {
+            Kind::Positive => p.positive && secs <= p.max_ttl.as_secs().max(p.min_ttl.as_secs()),
+            Kind::Negative => {
+                p.negative
+                    && secs
+                        <= p.max_negative_ttl
+                            .as_secs()
+                            .max(p.min_negative_ttl.as_secs())
+            }
+            Kind::ServFail => secs <= p.servfail_ttl.as_secs(),
+            Kind::Uncacheable => false,
         }
     }
 

@@ -636,6 +636,12 @@ impl Response {
             && &self.buf[name_at..] == key.name()
     }
 
+    /// The cache key's name (lowercased wire format) this response was stored under.
+    pub fn key_name(&self) -> &[u8] {
+        let name_at = self.msg_len as usize + 2 * self.n_ttls as usize;
+        &self.buf[name_at..]
+    }
+
     /// Whether this response may still be served at `now`.
     pub fn is_fresh(&self, now: Instant) -> bool {
         now < self.stored + self.lifetime
