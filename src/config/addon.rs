@@ -331,4 +331,4 @@ fn replace_local(line: &str, ips: &[IpAddr]) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1134,4 +1134,4 @@ impl<'a> Builder<'a> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
