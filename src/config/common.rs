@@ -49,7 +49,7 @@ pub(crate) fn duration(s: &str) -> Result<Duration, String> {
 pub(crate) fn format_duration(d: Duration) -> String {
     if d.subsec_nanos() == 0 {
         format!("{}s", d.as_secs())
-    } else if d.subsec_nanos() % 1_000_000 == 0 {
+    } else if d.subsec_nanos().is_multiple_of(1_000_000) {
         format!("{}ms", d.as_millis())
     } else {
         format!("{}s", d.as_secs_f64())
@@ -151,7 +151,11 @@ pub(crate) fn read_resolv_conf(
             format!("cannot read nameservers from {path}: {e}"),
         )
     })?;
-    let servers = resolv_conf(&text, path)?;
+    // A file without nameservers is reported where it was named (it has no line to blame).
+    let servers = resolv_conf(&text, path).map_err(|e| match e.at.line {
+        0 => ModelError::new(at.clone(), format!("{path}: {}", e.reason)),
+        _ => e,
+    })?;
     if !inputs.iter().any(|p| p == Path::new(path)) {
         inputs.push(PathBuf::from(path));
     }

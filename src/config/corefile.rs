@@ -811,8 +811,11 @@ impl<'a> Builder<'a> {
     fn cache(&self, d: &Directive, block: &[String]) -> Result<CachePolicy, ModelError> {
         let mut c = CachePolicy::COREDNS;
         let mut args = d.args.as_slice();
+        // The first argument is the TTL when it reads as one (CoreDNS: a number), else a zone
+        // (`10.in-addr.arpa`); a digit-led word without a dot is a mistyped TTL.
         if let Some((first, rest)) = args.split_first()
-            && first.starts_with(|c: char| c.is_ascii_digit())
+            && (common::duration(first).is_ok()
+                || first.starts_with(|c: char| c.is_ascii_digit()) && !first.contains('.'))
         {
             let ttl = self.ttl(first, d.line, "cache TTL")?;
             c.max_ttl = ttl;

@@ -301,3 +301,10 @@ fn kube_dns_errors_name_the_key() {
         KubeDns::default()
     );
 }
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_templates_do_not_panic(s in "(__PILLAR__[A-Z_]{0,14}|[a-z:, {}\n]{0,6}){0,30}") {
+        let _ = render(&s, "T", &inputs(&["169.254.20.10", "fd00::1"]), &sources());
+    }
+}

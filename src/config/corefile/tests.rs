@@ -400,7 +400,7 @@ fn errors_name_file_and_line() {
 fn resolv_conf_without_nameservers_is_an_error() {
     let src = FakeSources::default().with_file("/r", "search x\n");
     let e = parse(".:53 {\n forward . /r\n}\n", "C", &src).unwrap_err();
-    assert_eq!(e.to_string(), "/r: no nameserver lines");
+    assert_eq!(e.to_string(), "C:2: /r: no nameserver lines");
 }
 
 #[test]
@@ -429,5 +429,34 @@ fn garbage_does_not_panic() {
         "{%A%}",
     ] {
         let _ = parse(text, "C", &FakeSources::default());
+    }
+}
+
+#[test]
+fn reverse_zone_argument_is_not_a_ttl() {
+    let m = parse(
+        "10.in-addr.arpa {\n cache 10.in-addr.arpa\n forward . 1.1.1.1\n}\n",
+        "C",
+        &FakeSources::default(),
+    )
+    .unwrap();
+    assert_eq!(m.zones[0].cache, CachePolicy::COREDNS);
+    assert_error(
+        ".:53 {\n cache 30x\n forward . 1.1.1.1\n}\n",
+        "Corefile:2: cache TTL: invalid duration",
+    );
+}
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_text_does_not_panic(s in "\\PC*") {
+        let _ = parse(&s, "C", &resolv());
+    }
+
+    #[test]
+    fn corefile_like_text_does_not_panic(
+        s in "([a-z.:/0-9{}$%\"#\\-]{0,12}[ \n]){0,40}"
+    ) {
+        let _ = parse(&s, "C", &resolv().with_env("A", "1"));
     }
 }

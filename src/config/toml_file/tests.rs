@@ -135,3 +135,10 @@ fn service_port_and_except() {
     assert!(m.zones[1].servers.is_empty());
     assert_eq!(m.zones[1].cache, CachePolicy::COREDNS);
 }
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_toml_does_not_panic(s in "\\PC*") {
+        let _ = parse(&s, "n.toml", &FakeSources::default());
+    }
+}
