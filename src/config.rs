@@ -12,7 +12,11 @@ use clap::{ArgAction, Parser};
 
 pub use crate::logging::LogFormat;
 
+pub mod addon;
+mod common;
+pub mod corefile;
 pub mod model;
+pub mod toml_file;
 use thiserror::Error;
 
 use crate::cache::Limits;
