@@ -23,7 +23,7 @@ use crate::cache::Limits;
 use crate::firewall::Backend;
 use crate::netif::LinkKind;
 use crate::upstream;
-use model::{CachePolicy, Policy, Sources, Transport, Zone};
+use model::{CachePolicy, Model, Policy, Sources, Transport, Zone};
 
 /// A node-local DNS cache for Kubernetes: answers pods from a TTL-aware cache and forwards misses,
 /// the cluster zones to the cluster DNS and the rest to the node's resolvers.
@@ -36,6 +36,35 @@ use model::{CachePolicy, Policy, Sources, Transport, Zone};
     args_override_self = true
 )]
 pub struct Cli {
+    /// Configuration file: a CoreDNS Corefile (the addon's), or nodedns's TOML when it ends in
+    /// `.toml`. It sets zones, caches, forwarders and listen addresses; flags keep the node setup.
+    /// With an addon template (--basecorefile) present, the rendered Corefile (the addon's -conf).
+    #[arg(long, value_name = "FILE")]
+    pub conf: Option<PathBuf>,
+
+    /// The addon's Corefile template (its ConfigMap): rendered with the __PILLAR__ placeholders
+    /// filled in when --conf is given and this file exists.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/coredns/Corefile.base"
+    )]
+    pub basecorefile: PathBuf,
+
+    /// Directory of the mounted kube-dns ConfigMap (stubDomains, upstreamNameservers), used with
+    /// the template; default /etc/kube-dns when it exists.
+    #[arg(long, value_name = "DIR")]
+    pub kubednscm: Option<PathBuf>,
+
+    /// Accepted for the addon's DaemonSet args: nodedns reloads by itself when its inputs change
+    /// (and on SIGHUP/SIGUSR1).
+    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
+    pub reloadwithsignal: bool,
+
+    /// Flags given on the command line (not defaults), for the rules on flags and a file together.
+    #[arg(skip)]
+    pub explicit: Vec<String>,
+
     /// Address to serve DNS on, over UDP and TCP (repeatable; IPv4 or IPv6, e.g. [::1]:53).
     #[arg(long, value_name = "ADDR:PORT", default_value = "169.254.20.10:53", value_parser = parse_listen)]
     pub listen: Vec<SocketAddr>,
@@ -177,6 +206,32 @@ pub struct Cli {
     pub health_listen: Option<OptionalAddr>,
 }
 
+/// Flags that a configuration file replaces: given together with `--conf`, an error.
+const FILE_OWNED_FLAGS: [&str; 10] = [
+    "upstream",
+    "forward",
+    "min_ttl",
+    "max_ttl",
+    "max_negative_ttl",
+    "servfail_ttl",
+    "cache_size",
+    "negative_cache_size",
+    "force_tcp",
+    "cluster_domain",
+];
+
+/// Go's `flag` syntax: `-conf` means `--conf` (node-cache's DaemonSet args). Any single-dash
+/// word longer than one letter is taken as a long flag, so an unknown one is an error, never
+/// clap's `-h` read out of `-health-port`.
+fn go_style(arg: String) -> String {
+    let b = arg.as_bytes();
+    if b.len() > 2 && b[0] == b'-' && b[1] != b'-' && b[1].is_ascii_alphabetic() {
+        format!("-{arg}")
+    } else {
+        arg
+    }
+}
+
 /// A listen address that may be turned off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionalAddr(pub Option<SocketAddr>);
@@ -202,6 +257,27 @@ pub enum ConfigError {
         value: String,
         what: &'static str,
     },
+}
+
+impl Config {
+    /// The DNS part of this configuration as a [`Model`] (what `check-config` prints).
+    pub fn effective_model(&self) -> Model {
+        Model {
+            listen: self.listen.clone(),
+            port: None,
+            zones: self.zones.clone(),
+            health: self.health_listen.map(|addr| model::Health {
+                addr,
+                lameduck: Duration::ZERO,
+            }),
+            ready: None,
+            metrics: self.metrics_listen,
+            reload: Some(self.reload_interval),
+            log_queries: self.log_queries,
+            loop_detect: false,
+            inputs: self.inputs.clone(),
+        }
+    }
 }
 
 /// A `--forward ZONE=ADDRS` flag.
@@ -530,10 +606,107 @@ impl Cli {
         Ok(out)
     }
 
+    /// Parses `args` (argv without the program name is fine too) with Go-style single-dash long
+    /// flags accepted (`-conf FILE`, as the addon's DaemonSet passes them) and records which flags
+    /// were given explicitly.
+    pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Cli, clap::Error> {
+        use clap::{CommandFactory, FromArgMatches};
+        let args: Vec<String> = args.into_iter().map(go_style).collect();
+        let matches = Cli::command().try_get_matches_from(args)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        cli.explicit = matches
+            .ids()
+            .filter(|id| {
+                matches.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| id.as_str().to_string())
+            .collect();
+        Ok(cli)
+    }
+
+    fn given(&self, id: &str) -> bool {
+        self.explicit.iter().any(|e| e == id)
+    }
+
+    /// The configuration file's model, if `--conf` is given: the addon's template rendered (when
+    /// the template exists), else the file itself. Returns the model and the files it came from.
+    pub fn file_model(&self, src: &dyn Sources) -> Result<Option<Model>, ConfigError> {
+        let Some(conf) = &self.conf else {
+            if self.given("basecorefile") {
+                return Err(ConfigError::Invalid(
+                    "--basecorefile needs --conf (the addon passes -conf /etc/Corefile)".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let at = |e: model::ModelError| ConfigError::Invalid(e.to_string());
+        let template_text = src.read(&self.basecorefile);
+        let mut inputs = Vec::new();
+        let mut model = match template_text {
+            Ok(template) => {
+                let dir = match &self.kubednscm {
+                    Some(d) => Some(d.clone()),
+                    None => {
+                        let d = PathBuf::from("/etc/kube-dns");
+                        d.is_dir().then_some(d)
+                    }
+                };
+                let kube_dns = match &dir {
+                    Some(d) => {
+                        inputs.push(d.clone());
+                        addon::read_kube_dns(d, src).map_err(at)?
+                    }
+                    None => Default::default(),
+                };
+                let mut local_ips: Vec<IpAddr> = Vec::new();
+                for l in &self.listen {
+                    if !local_ips.contains(&l.ip()) {
+                        local_ips.push(l.ip());
+                    }
+                }
+                let inputs_addon = addon::AddonInputs {
+                    upstream_svc: self.upstream_svc.clone(),
+                    local_ips,
+                    kube_dns,
+                    prometheus: Some(match self.metrics_listen.0 {
+                        Some(a) => a.to_string(),
+                        None => ":9253".into(),
+                    }),
+                };
+                let file = self.basecorefile.display().to_string();
+                inputs.push(self.basecorefile.clone());
+                let rendered = addon::render(&template, &file, &inputs_addon, src).map_err(at)?;
+                corefile::parse(&rendered, &file, src).map_err(at)?
+            }
+            Err(e) if self.given("basecorefile") => {
+                return Err(ConfigError::Invalid(format!(
+                    "--basecorefile {}: {e}",
+                    self.basecorefile.display()
+                )));
+            }
+            Err(_) => {
+                let file = conf.display().to_string();
+                let text = src
+                    .read(conf)
+                    .map_err(|e| ConfigError::Invalid(format!("--conf {file}: {e}")))?;
+                inputs.push(conf.clone());
+                if conf.extension().is_some_and(|x| x == "toml") {
+                    toml_file::parse(&text, &file, src).map_err(at)?
+                } else {
+                    corefile::parse(&text, &file, src).map_err(at)?
+                }
+            }
+        };
+        inputs.append(&mut model.inputs);
+        model.inputs = inputs;
+        Ok(Some(model))
+    }
+
     /// [`Cli::into_config`] with every outside input read through `src`.
     pub fn into_config_from(self, src: &dyn Sources) -> Result<Config, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         check_log_level(&self.log_level).map_err(ConfigError::Invalid)?;
+        let file = self.file_model(src)?;
         if self.listen.is_empty() {
             return bad("at least one --listen address is needed".into());
         }
@@ -556,7 +729,102 @@ impl Cli {
             return bad("cache sizes must be at least 1".into());
         }
 
-        let zones = self.flag_zones(src)?;
+        let mut listen = self.listen.clone();
+        let mut limits = Limits {
+            positive_entries: self.cache_size,
+            positive_bytes: self.cache_bytes,
+            negative_entries: self.negative_cache_size,
+            negative_bytes: self.negative_cache_bytes,
+        };
+        let mut metrics_listen = self.metrics_listen.0;
+        let mut health_listen = match self.health_listen {
+            Some(OptionalAddr(a)) => a,
+            None => Some(SocketAddr::new(self.listen[0].ip(), 8080)),
+        };
+        let mut log_queries = self.log_queries;
+        let mut reload_interval = self.reload_interval;
+        let mut inputs = Vec::new();
+        let zones = match file {
+            None => {
+                if self.upstream.is_empty() && !self.forward.iter().any(|z| z.zone == ".") {
+                    inputs.push(self.resolv_conf.clone());
+                }
+                self.flag_zones(src)?
+            }
+            Some(m) => {
+                // The file owns DNS behaviour; a flag that says the same again is a contradiction.
+                for flag in FILE_OWNED_FLAGS {
+                    if self.given(flag) {
+                        return bad(format!(
+                            "--{} conflicts with --conf: the file sets zones, caches and forwarders",
+                            flag.replace('_', "-")
+                        ));
+                    }
+                }
+                if !m.listen.is_empty() {
+                    if self.given("listen") {
+                        let mut a: Vec<IpAddr> = self.listen.iter().map(|l| l.ip()).collect();
+                        let mut b: Vec<IpAddr> = m.listen.iter().map(|l| l.ip()).collect();
+                        a.sort();
+                        a.dedup();
+                        b.sort();
+                        b.dedup();
+                        if a != b {
+                            return bad(format!(
+                                "--listen {:?} and the file's bind {:?} name different addresses",
+                                self.listen, m.listen
+                            ));
+                        }
+                    }
+                    listen = m.listen.clone();
+                } else if let Some(port) = m.port {
+                    for l in &mut listen {
+                        l.set_port(port);
+                    }
+                }
+                // One shared cache holds what every zone asks for (see the README).
+                let (pos, neg) = m.zones.iter().fold((0usize, 0usize), |(p, n), z| {
+                    (
+                        p.saturating_add(if z.cache.success {
+                            z.cache.success_capacity
+                        } else {
+                            0
+                        }),
+                        n.saturating_add(if z.cache.denial {
+                            z.cache.denial_capacity
+                        } else {
+                            0
+                        }),
+                    )
+                });
+                limits.positive_entries = pos.max(1);
+                limits.negative_entries = neg.max(1);
+                // The HTTP endpoints are the node's: an explicit flag wins over the file's
+                // `health`/`prometheus` (a port clash on a hostNetwork node is fixed in the args).
+                if let Some(h) = m.health
+                    && !self.given("health_listen")
+                {
+                    health_listen = Some(h.addr);
+                }
+                if let Some(a) = m.metrics
+                    && !self.given("metrics_listen")
+                {
+                    metrics_listen = Some(a);
+                }
+                log_queries |= m.log_queries;
+                // `reload` sets the poll interval (CoreDNS's 30 s default) unless the flag says.
+                if let Some(r) = m.reload
+                    && !self.given("reload_interval")
+                {
+                    reload_interval = r.max(Duration::from_millis(100));
+                }
+                inputs.extend(m.inputs.iter().cloned());
+                m.zones
+            }
+        };
+        if zones.is_empty() {
+            return bad("no zones: nothing to forward".into());
+        }
 
         let workers = if self.workers == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -588,20 +856,12 @@ impl Cli {
         if self.reload_interval < Duration::from_millis(100) {
             return bad("--reload-interval must be at least 100ms".into());
         }
-        let mut inputs = Vec::new();
-        if self.upstream.is_empty() && !self.forward.iter().any(|z| z.zone == ".") {
-            inputs.push(self.resolv_conf.clone());
-        }
-        let health_listen = match self.health_listen {
-            Some(OptionalAddr(a)) => a,
-            None => Some(SocketAddr::new(self.listen[0].ip(), 8080)),
-        };
         Ok(Config {
-            metrics_listen: self.metrics_listen.0,
+            metrics_listen,
             health_listen,
-            log_queries: self.log_queries,
+            log_queries,
             inputs,
-            reload_interval: self.reload_interval,
+            reload_interval,
             node: NodeOptions {
                 setup_interface: self.setup_interface,
                 interface: self.interface.clone(),
@@ -610,20 +870,15 @@ impl Cli {
                 sync_interval: self.sync_interval,
                 skip_teardown: self.skip_teardown,
             },
-            listen: self.listen.clone(),
+            listen: listen.clone(),
             zones,
-            limits: Limits {
-                positive_entries: self.cache_size,
-                positive_bytes: self.cache_bytes,
-                negative_entries: self.negative_cache_size,
-                negative_bytes: self.negative_cache_bytes,
-            },
+            limits,
             upstream: upstream::Options {
                 attempt_timeout: self.attempt_timeout,
                 deadline: self.query_deadline,
             },
             server: crate::server::Options {
-                listen: self.listen,
+                listen,
                 workers,
                 max_tcp_connections: self.max_tcp_connections,
                 tcp_idle_timeout: self.tcp_idle_timeout,

@@ -2,14 +2,17 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
 
 use nodedns::config::Cli;
 use nodedns::logging::init_logging;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let mut args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("check-config") {
+        return check_config(args.split_off(2));
+    }
+    let cli = match Cli::parse_args(args) {
         Ok(c) => c,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             let _ = e.print();
@@ -85,5 +88,50 @@ async fn wait_for_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
         _ = quit.recv() => {}
+    }
+}
+
+/// `nodedns check-config FILE [FLAGS...]`: reads FILE (a Corefile, the addon's template when it has
+/// `__PILLAR__` placeholders, or TOML) with the same environment rules as a start, and prints the
+/// effective configuration as TOML; exit 0, or 2 with one `file:line: reason` line.
+fn check_config(rest: Vec<String>) -> ExitCode {
+    let Some(file) = rest.first().cloned() else {
+        eprintln!("nodedns: usage: nodedns check-config FILE [FLAGS...]");
+        return ExitCode::from(2);
+    };
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("nodedns: {file}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut args = vec!["nodedns".to_string()];
+    if text.contains("__PILLAR__") {
+        args.extend(["--basecorefile".into(), file.clone()]);
+    }
+    args.extend(["--conf".into(), file]);
+    args.extend(rest.into_iter().skip(1));
+    let cli = match Cli::parse_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("nodedns: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    match cli.into_config(|k| std::env::var(k).ok()) {
+        Ok(c) => {
+            print!(
+                "{}",
+                nodedns::config::toml_file::to_toml(&c.effective_model())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nodedns: {e}");
+            ExitCode::from(2)
+        }
     }
 }

@@ -185,3 +185,64 @@ fn help_lists_every_flag() {
         );
     }
 }
+
+#[test]
+fn check_config_prints_the_effective_configuration_or_names_the_line() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let good = dir.join("check-good.Corefile");
+    std::fs::write(
+        &good,
+        ".:53 {\n    cache 30\n    bind 127.0.0.1\n    forward . 127.0.0.1:5399 {\n        policy sequential\n    }\n}\n",
+    )
+    .unwrap();
+    let out = run(&["check-config", good.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(r#"servers = ["127.0.0.1:5399"]"#),
+        "{stdout}"
+    );
+    assert!(stdout.contains(r#"policy = "sequential""#), "{stdout}");
+    let bad = dir.join("check-bad.Corefile");
+    std::fs::write(
+        &bad,
+        ".:53 {\n    cache 30\n    frobnicate\n    forward . 127.0.0.1\n}\n",
+    )
+    .unwrap();
+    let out = run(&["check-config", bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("check-bad.Corefile:3") && stderr.contains("frobnicate"),
+        "{stderr}"
+    );
+    // TOML too.
+    let toml = dir.join("check.toml");
+    std::fs::write(
+        &toml,
+        "[[zone]]\nname = \".\"\nservers = [\"127.0.0.1:5399\"]\nbogus = 1\n",
+    )
+    .unwrap();
+    let out = run(&["check-config", toml.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("check.toml:4"), "{stderr}");
+}
+
+#[test]
+fn a_file_and_a_contradicting_flag_exit_2() {
+    let conf = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("contra.Corefile");
+    std::fs::write(&conf, ".:53 {\n    forward . 127.0.0.1:5399\n}\n").unwrap();
+    let line = assert_usage_error(&["--conf", conf.to_str().unwrap(), "--upstream", UP]);
+    assert!(line.contains("--upstream conflicts with --conf"), "{line}");
+    // Go-style single-dash flags, as the addon's DaemonSet passes them, and no `-h` read out of an
+    // unknown one.
+    let line = assert_usage_error(&["-conf", conf.to_str().unwrap(), "-health-port", "9254"]);
+    assert!(line.contains("health-port"), "{line}");
+}

@@ -176,10 +176,20 @@ impl Nodedns {
     /// Starts nodedns with `args` plus `--listen 127.0.0.1:PORT` on a free port and waits until it
     /// answers the health query.
     pub async fn start(args: &[String]) -> Nodedns {
+        Nodedns::start_env(None, args, &[]).await
+    }
+
+    /// [`Nodedns::start`] with extra environment variables (the kubelet's Service variables), and
+    /// with `at`, on that address (a config file's port) instead of a free port.
+    pub async fn start_env(
+        at: Option<SocketAddr>,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Nodedns {
         let mut last = String::new();
         for _attempt in 0..3 {
-            let port = free_port();
-            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let addr: SocketAddr =
+                at.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
             let mut cmd = Command::new(bin());
             cmd.arg("--listen").arg(addr.to_string());
             cmd.args(safety_args());
@@ -189,7 +199,8 @@ impl Nodedns {
             cmd.args(args);
             // Only the test's flags choose upstreams, whatever the runner's environment says.
             cmd.env_remove("KUBE_DNS_UPSTREAM_SERVICE_HOST")
-                .env_remove("KUBE_DNS_UPSTREAM_SERVICE_PORT");
+                .env_remove("KUBE_DNS_UPSTREAM_SERVICE_PORT")
+                .envs(env.iter().copied());
             let (child, stderr) = spawn_capturing_stderr(&mut cmd);
             let mut node = Nodedns {
                 addr,

@@ -4,6 +4,7 @@
 
 mod cli;
 mod cluster;
+mod config_e2e;
 mod core_e2e;
 mod dig;
 mod edge_e2e;
