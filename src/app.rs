@@ -148,6 +148,9 @@ pub async fn run(
     });
     let upstreams = upstreams.with_observer(observer.clone());
     metrics.set_config_generation(1);
+    for what in &config.inert {
+        tracing::warn!("accepted but not acted on yet: {what}");
+    }
     for z in &config.zones {
         tracing::info!(zone = %z.name, servers = ?z.servers, transport = ?z.transport, "forwarding");
     }

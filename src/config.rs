@@ -280,6 +280,50 @@ impl Config {
     }
 }
 
+/// What in `m` is accepted but not acted on yet (see [`Config::inert`]).
+fn inert_settings(m: &Model) -> Vec<String> {
+    let mut out = Vec::new();
+    let defaults = model::ForwardOptions::default();
+    for z in &m.zones {
+        let mut what = Vec::new();
+        if z.cache.prefetch.is_some() {
+            what.push("prefetch");
+        }
+        if z.cache.serve_stale.is_some() {
+            what.push("serve_stale");
+        }
+        if z.forward.max_fails != defaults.max_fails
+            || z.forward.health_check != defaults.health_check
+        {
+            what.push("max_fails/health_check (no health checking yet)");
+        }
+        if z.forward.max_concurrent.is_some() {
+            what.push("per-zone max_concurrent (the global --max-concurrent applies)");
+        }
+        if z.forward.expire != defaults.expire {
+            what.push("expire (pooled TCP connections close after 10 s idle)");
+        }
+        if !what.is_empty() {
+            out.push(format!(
+                "zone {} ({}): {}",
+                z.name,
+                z.origin,
+                what.join(", ")
+            ));
+        }
+    }
+    if m.loop_detect {
+        out.push(
+            "loop: only the static check (no zone forwards to nodedns's own address) is done"
+                .into(),
+        );
+    }
+    if m.health.is_some_and(|h| !h.lameduck.is_zero()) {
+        out.push("health lameduck: SIGTERM stops at once".into());
+    }
+    out
+}
+
 /// A `--forward ZONE=ADDRS` flag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardFlag {
@@ -306,6 +350,9 @@ pub struct Config {
     pub inputs: Vec<PathBuf>,
     /// How often `inputs` are checked for a change.
     pub reload_interval: Duration,
+    /// Settings the file gives that are read and validated but do not change behaviour yet, one
+    /// phrase each (logged as warnings at start, so none is silently ignored).
+    pub inert: Vec<String>,
 }
 
 /// Node setup: the link, its addresses and the packet-filter rules.
@@ -744,6 +791,7 @@ impl Cli {
         let mut log_queries = self.log_queries;
         let mut reload_interval = self.reload_interval;
         let mut inputs = Vec::new();
+        let mut inert = Vec::new();
         let zones = match file {
             None => {
                 if self.upstream.is_empty() && !self.forward.iter().any(|z| z.zone == ".") {
@@ -819,11 +867,28 @@ impl Cli {
                     reload_interval = r.max(Duration::from_millis(100));
                 }
                 inputs.extend(m.inputs.iter().cloned());
+                inert = inert_settings(&m);
                 m.zones
             }
         };
         if zones.is_empty() {
             return bad("no zones: nothing to forward".into());
+        }
+        // Never forward to ourselves (a resolv.conf or a stub domain naming nodedns's address).
+        let mut zones = zones;
+        for z in &mut zones {
+            let had = z.servers.len();
+            z.servers.retain(|s| {
+                !listen
+                    .iter()
+                    .any(|l| l.ip() == s.ip() && l.port() == s.port())
+            });
+            if had > 0 && z.servers.is_empty() {
+                return bad(format!(
+                    "{}: zone {} forwards only to nodedns's own listen address (a loop)",
+                    z.origin, z.name
+                ));
+            }
         }
 
         let workers = if self.workers == 0 {
@@ -862,6 +927,7 @@ impl Cli {
             log_queries,
             inputs,
             reload_interval,
+            inert,
             node: NodeOptions {
                 setup_interface: self.setup_interface,
                 interface: self.interface.clone(),
