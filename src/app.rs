@@ -41,12 +41,17 @@ impl Recorder for RequestRecorder {
     fn answered(&self, worker: usize, proto: Proto, a: &Answered, query: &[u8]) {
         let w = self.metrics.worker(worker);
         w.request(metrics_proto(proto), a.qtype, a.rcode);
-        if let Source::Cache { negative } = a.source {
+        if let Source::Cache { negative, stale } = a.source {
             w.cache_hit(if negative {
                 CacheKind::Negative
             } else {
                 CacheKind::Positive
             });
+            if stale {
+                w.stale_answer();
+            } else if a.refresh.is_some() {
+                w.prefetch();
+            }
         }
         if self.log_queries.load(Ordering::Relaxed) {
             let name = wire::scan_query(query)
@@ -166,6 +171,7 @@ pub async fn run(
         recorder,
         config.server.max_concurrent,
     ));
+    ctx.start_refresher();
     let weak: Weak<Ctx> = Arc::downgrade(&ctx);
     metrics.set_cache_snapshot_provider(move || {
         weak.upgrade()

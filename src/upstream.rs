@@ -143,6 +143,9 @@ pub fn ttl_policy(c: &CachePolicy) -> TtlPolicy {
         servfail_ttl: c.servfail_ttl,
         positive: c.success,
         negative: c.denial,
+        stale: c.serve_stale.map_or(Duration::ZERO, |s| s.duration),
+        stale_verify: c.serve_stale.is_some_and(|s| s.verify),
+        prefetch: c.prefetch.map(|p| (p.amount, p.percent)),
     }
 }
 
@@ -279,7 +282,7 @@ impl Upstreams {
             return false;
         };
         let p = &route.store;
-        let secs = r.lifetime.as_secs();
+        let secs = r.lifetime().as_secs();
         match r.kind {
             Kind::Positive => p.positive && secs <= p.max_ttl.as_secs().max(p.min_ttl.as_secs()),
             Kind::Negative => {

@@ -15,3 +15,4 @@ mod lifecycle;
 mod metrics_e2e;
 mod netns_e2e;
 mod robustness;
+mod stale_e2e;

@@ -13,7 +13,7 @@ use crate::fake_upstream::{Behavior, FakeUpstream};
 use crate::harness::{Nodedns, free_port, query_tcp, query_udp};
 
 /// A plain HTTP/1.1 GET; returns (status, body).
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr)
         .await
         .expect("connect to the HTTP endpoint");
@@ -40,7 +40,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// The value of the sample whose name and labels are exactly `series`.
-fn sample(body: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(body: &str, series: &str) -> Option<f64> {
     body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         l.strip_prefix(series)?
             .strip_prefix(' ')?
