@@ -283,6 +283,11 @@ pub async fn run(
         }
     });
 
+    // The cache file, once the listeners answer (a cold cache never delays the first answer).
+    let warm = config.cache_file.clone().map(|(path, every)| {
+        tokio::spawn(crate::warm::run(ctx.clone(), path, every, stop_rx.clone()))
+    });
+
     let reloader = rebuild.zip(signals).map(|(rebuild, signals)| {
         let r = Reloader {
             ctx: ctx.clone(),
@@ -302,6 +307,10 @@ pub async fn run(
         r.abort();
     }
     let _ = stop_tx.send(true);
+    if let Some(w) = warm {
+        // Its final write (bounded by the cache's size).
+        let _ = w.await;
+    }
     prober.abort();
     // Let a reconcile pass in progress finish (it may be adding rules in a blocking task that an
     // abort would not stop), so teardown is the last word.

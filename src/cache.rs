@@ -379,6 +379,27 @@ impl Cache {
         }
     }
 
+    /// A copy of every entry (for the cache file). Takes each shard's read lock in turn: run it
+    /// off the hit path's threads.
+    pub fn snapshot(&self) -> Vec<Response> {
+        self.positive
+            .cache
+            .iter()
+            .chain(self.negative.cache.iter())
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    /// Stores `response` only if the key has no entry yet (merging a cache file into a warm cache).
+    pub fn insert_if_absent(&self, key: &KeyBuf, response: Response, now: Instant) -> bool {
+        let h = self.slot(key);
+        let present = |p: &Part| p.cache.peek(&h).is_some_and(|r| r.answers(key));
+        if present(&self.positive) || present(&self.negative) {
+            return false;
+        }
+        self.insert(key, response, now)
+    }
+
     /// Applies new limits without dropping the cache (a reload).
     pub fn resize(&self, limits: Limits) {
         self.positive

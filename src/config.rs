@@ -124,6 +124,15 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", default_value = "8M", value_parser = parse_bytes)]
     pub negative_cache_bytes: u64,
 
+    /// Keep the cache in this file across restarts: written every --cache-file-interval and at
+    /// stop, read (every entry re-validated) at start.
+    #[arg(long, value_name = "PATH")]
+    pub cache_file: Option<PathBuf>,
+
+    /// How often the cache file is written.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
+    pub cache_file_interval: Duration,
+
     /// Serve expired answers for this long past their TTL when upstream fails (RFC 8767; CoreDNS's
     /// `serve_stale`); 0 turns it off.
     #[arg(long, value_name = "DUR", default_value = "0", value_parser = parse_duration)]
@@ -368,6 +377,8 @@ pub struct Config {
     pub inputs: Vec<PathBuf>,
     /// How often `inputs` are checked for a change.
     pub reload_interval: Duration,
+    /// `--cache-file` and how often it is written.
+    pub cache_file: Option<(PathBuf, Duration)>,
     /// Settings the file gives that are read and validated but do not change behaviour yet, one
     /// phrase each (logged as warnings at start, so none is silently ignored).
     pub inert: Vec<String>,
@@ -972,6 +983,9 @@ impl Cli {
         if self.sync_interval.is_zero() {
             return bad("--sync-interval must be above zero".into());
         }
+        if self.cache_file_interval < Duration::from_secs(1) {
+            return bad("--cache-file-interval must be at least 1s".into());
+        }
         if self.reload_interval < Duration::from_millis(100) {
             return bad("--reload-interval must be at least 100ms".into());
         }
@@ -982,6 +996,10 @@ impl Cli {
             inputs,
             reload_interval,
             inert,
+            cache_file: self
+                .cache_file
+                .clone()
+                .map(|p| (p, self.cache_file_interval)),
             node: NodeOptions {
                 setup_interface: self.setup_interface,
                 interface: self.interface.clone(),

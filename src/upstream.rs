@@ -274,6 +274,24 @@ impl Upstreams {
         }
     }
 
+    /// The store-time policy of the zone that routes `qname` (lowercased wire format).
+    pub fn policy_for(&self, qname: &[u8]) -> Option<TtlPolicy> {
+        self.route(qname).map(|(_, r)| r.store)
+    }
+
+    /// A hash of the zones and their servers: a cache file written under other zones or servers is
+    /// not loaded (its answers came from elsewhere).
+    pub fn fingerprint(&self) -> u64 {
+        let mut zones: Vec<(&Vec<u8>, Vec<SocketAddr>)> = self
+            .routes
+            .iter()
+            .map(|(z, r)| (z, r.servers.iter().map(|&i| self.servers[i]).collect()))
+            .collect();
+        zones.sort();
+        // Stable across processes and builds (std's hashers are seeded or may change).
+        crate::persist::fnv1a(format!("{zones:?}").as_bytes())
+    }
+
     /// Whether a cached response may stay under this generation's policy for its name: its zone
     /// still caches its kind, and its lifetime is within the zone's caps (a lowered cap drops longer
     /// entries; a raised one keeps everything). Names no zone routes any more are dropped.

@@ -325,6 +325,33 @@ pub fn build_upstream_query(view: &QueryView<'_>, id: u16, out: &mut Vec<u8>) {
     push_opt(out, EDNS_PAYLOAD, 0, view.dnssec_ok());
 }
 
+/// Appends the OPT a query nodedns builds carries ([`EDNS_PAYLOAD`], the DO bit).
+pub fn push_query_opt(out: &mut Vec<u8>, dnssec_ok: bool) {
+    push_opt(out, EDNS_PAYLOAD, 0, dnssec_ok);
+}
+
+/// The offset just past a message's one question (QDCOUNT must be 1, the name uncompressed, as in
+/// every message nodedns stores), or `None`.
+pub fn question_end(msg: &[u8]) -> Option<usize> {
+    if msg.len() < HEADER_LEN || msg[4..6] != [0, 1] {
+        return None;
+    }
+    let mut pos = HEADER_LEN;
+    loop {
+        let l = usize::from(*msg.get(pos)?);
+        if l == 0 {
+            pos += 1;
+            break;
+        }
+        if l > 63 || pos - HEADER_LEN + l + 1 > MAX_NAME_LEN {
+            return None;
+        }
+        pos += 1 + l;
+    }
+    let end = pos + 4;
+    (end <= msg.len()).then_some(end)
+}
+
 /// Appends an OPT pseudo-record (root name, no options).
 fn push_opt(out: &mut Vec<u8>, payload: u16, ext_rcode: u8, dnssec_ok: bool) {
     out.push(0);
@@ -712,6 +739,11 @@ impl Response {
             && self.key_qclass == key.qclass
             && self.key_bits == key.bits
             && &self.buf[name_at..] == key.name()
+    }
+
+    /// The cache key's flags (bit 0 DO, bit 1 CD) this response was stored under.
+    pub fn key_bits(&self) -> u8 {
+        self.key_bits
     }
 
     /// The cache key's name (lowercased wire format) this response was stored under.

@@ -234,7 +234,14 @@ fn one_refresh_claim_per_entry() {
 #[test]
 fn the_slab_estimate_follows_the_byte_budget_not_the_entry_cap() {
     // 4 MiB can hold at most 4 MiB / MIN_ENTRY_WEIGHT entries, whatever --cache-size says.
-    assert_eq!(estimated_items(1_000_000, 4 << 20), (4 << 20) / MIN_ENTRY_WEIGHT as usize);
-    assert_eq!(estimated_items(100, 4 << 20), 100, "a smaller entry cap wins");
+    assert_eq!(
+        estimated_items(1_000_000, 4 << 20),
+        (4 << 20) / MIN_ENTRY_WEIGHT as usize
+    );
+    assert_eq!(
+        estimated_items(100, 4 << 20),
+        100,
+        "a smaller entry cap wins"
+    );
     assert_eq!(estimated_items(0, 0), 1);
 }
