@@ -51,7 +51,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// FNV-1a, 64 bits: a stable checksum (std's hashers are seeded per process).
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         h ^= u64::from(b);

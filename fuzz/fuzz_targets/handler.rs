@@ -7,7 +7,6 @@ use std::time::Instant;
 use libfuzzer_sys::fuzz_target;
 use nodedns::cache::{Cache, Limits};
 use nodedns::handler::{Handler, Outcome, Proto};
-use nodedns::wire::TtlPolicy;
 
 fuzz_target!(|data: &[u8]| {
     let h = Handler::new(Cache::new(Limits::default()));
