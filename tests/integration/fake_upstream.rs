@@ -37,6 +37,58 @@ pub enum Behavior {
     WrongId,
     /// Answer normally but with a different question name in the reply.
     WrongName,
+    /// Over UDP: first a flood of forged replies to the querier's port (wrong ID, wrong name, the
+    /// other qtype, and the right ID and question from another source port), each claiming
+    /// 6.6.6.6, then, 100 ms later, the real answer. RFC 5452: none of the forgeries may win.
+    Forge,
+}
+
+/// The address every forged reply of [`Behavior::Forge`] claims.
+pub const FORGED_IP: Ipv4Addr = Ipv4Addr::new(6, 6, 6, 6);
+
+/// Forged copies of `real` (see [`Behavior::Forge`]) to send from the upstream's own socket, and one
+/// to send from another port.
+fn forgeries(real: &[u8]) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let Ok(m) = Message::from_vec(real) else {
+        return (Vec::new(), Vec::new());
+    };
+    let Some(q) = m.queries.first().cloned() else {
+        return (Vec::new(), Vec::new());
+    };
+    let evil = |edit: &dyn Fn(&mut Message)| {
+        let mut f = m.clone();
+        f.answers.clear();
+        let name = f
+            .queries
+            .first()
+            .map(|q| q.name().clone())
+            .unwrap_or_else(|| fqdn("x."));
+        f.add_answer(Record::from_rdata(name, 86400, RData::A(A(FORGED_IP))));
+        edit(&mut f);
+        f.to_vec().unwrap_or_default()
+    };
+    let mut own = Vec::new();
+    for delta in 1..=32u16 {
+        own.push(evil(&|f: &mut Message| {
+            f.metadata.id = f.metadata.id.wrapping_add(delta)
+        }));
+    }
+    own.push(evil(&|f: &mut Message| {
+        f.queries.clear();
+        f.add_query(hickory_proto::op::Query::query(
+            fqdn("evil.example."),
+            q.query_type(),
+        ));
+    }));
+    own.push(evil(&|f: &mut Message| {
+        f.queries.clear();
+        f.add_query(hickory_proto::op::Query::query(
+            q.name().clone(),
+            RecordType::AAAA,
+        ));
+    }));
+    let other_port = evil(&|_: &mut Message| {});
+    (own, other_port)
 }
 
 /// Which transport a query arrived on.
@@ -314,6 +366,25 @@ async fn udp_loop(
             tokio::select! {
                 reply = handle(&packet, Transport::Udp, &state) => {
                     if let Some(reply) = reply {
+                        let forge = Message::from_vec(&packet)
+                            .ok()
+                            .and_then(|q| q.queries.first().map(|q| norm(&q.name().to_ascii())))
+                            .is_some_and(|name| {
+                                let s = state.lock().unwrap_or_else(|e| e.into_inner());
+                                matches!(s.behaviors.get(&name), Some(Behavior::Forge))
+                            });
+                        if forge {
+                            let (own, other) = forgeries(&reply);
+                            for f in &own {
+                                let _ = sock.send_to(f, peer).await;
+                            }
+                            if let Ok(s) = UdpSocket::bind("127.0.0.1:0").await {
+                                for _ in 0..8 {
+                                    let _ = s.send_to(&other, peer).await;
+                                }
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
                         let _ = sock.send_to(&reply, peer).await;
                     }
                 }
@@ -456,7 +527,7 @@ async fn handle(packet: &[u8], transport: Transport, state: &Mutex<State>) -> Op
                 q.query_type(),
             ));
         }
-        Behavior::Normal | Behavior::TruncateUdp => {}
+        Behavior::Normal | Behavior::TruncateUdp | Behavior::Forge => {}
     }
 
     // Zone lookup (read after any delay, so that a changed answer is seen).

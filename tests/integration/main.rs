@@ -14,6 +14,7 @@ mod harness;
 mod lifecycle;
 mod metrics_e2e;
 mod netns_e2e;
+mod poison_e2e;
 mod robustness;
 mod stale_e2e;
 mod warm_e2e;
