@@ -96,18 +96,23 @@ impl Default for Limits {
 }
 
 /// An entry's weight: its bytes, but at least `budget / max entries` (the floor), so both bounds
-/// hold through one weight. The floor is shared and can change on reload: it is read when an entry
-/// is stored, never on a hit.
-#[derive(Clone)]
-struct EntryWeight {
-    floor: Arc<AtomicU64>,
-}
+/// hold through one weight. The floor is stamped into the entry when it is stored
+/// ([`Response::weight_floor`]), so an entry's weight never changes while it is cached (quick_cache
+/// weighs it again on removal; a weight read from a shared, reloadable floor made that subtraction
+/// underflow).
+#[derive(Clone, Copy)]
+struct EntryWeight;
 
 impl Weighter<u64, Response> for EntryWeight {
     fn weight(&self, _: &u64, val: &Response) -> u64 {
         let bytes = (val.weight() + std::mem::size_of::<u64>()) as u64;
-        bytes.max(self.floor.load(Ordering::Relaxed))
+        bytes.max(u64::from(val.weight_floor))
     }
+}
+
+/// `floor` as the entry keeps it (floors past 4 GiB, a budget of 4 GiB per entry, saturate).
+fn floor_units(floor: u64) -> u32 {
+    u32::try_from(floor).unwrap_or(u32::MAX)
 }
 
 /// Counts evictions (not replacements) for the metrics.
@@ -165,9 +170,7 @@ impl Part {
         let cache = match options.build() {
             Ok(o) => Shard::with_options(
                 o,
-                EntryWeight {
-                    floor: floor.clone(),
-                },
+                EntryWeight,
                 DefaultHashBuilder::default(),
                 evictions.clone(),
             ),
@@ -176,9 +179,7 @@ impl Part {
             Err(_) => Shard::with(
                 estimated_items(entries, bytes),
                 bytes,
-                EntryWeight {
-                    floor: floor.clone(),
-                },
+                EntryWeight,
                 DefaultHashBuilder::default(),
                 evictions.clone(),
             ),
@@ -190,13 +191,30 @@ impl Part {
         }
     }
 
-    /// New bounds in place: the byte budget at once (quick_cache evicts down to it), the entry
-    /// bound through the weight floor, which entries stored from now on carry (older entries keep
-    /// the weight they were stored with until they turn over, so the entry bound converges).
+    /// New bounds in place, both exact at once. A changed weight floor re-weighs every entry
+    /// (re-inserting it: quick_cache weighs only on insert), so the entry bound holds for old entries
+    /// too; then the byte budget is applied, and whatever quick_cache's per-shard eviction leaves
+    /// over either bound (it stops at an empty cold list) is removed. O(entries), on a reload only,
+    /// off the hit path's threads.
     fn resize(&self, entries: usize, bytes: u64) {
-        self.floor
-            .store(floor_of(entries, bytes), Ordering::Relaxed);
-        self.cache.set_capacity(bytes.max(1));
+        let (entries, bytes) = (entries.max(1), bytes.max(1));
+        let floor = floor_of(entries, bytes);
+        if self.floor.swap(floor, Ordering::Relaxed) != floor {
+            let units = floor_units(floor);
+            for (k, mut r) in self.cache.iter() {
+                r.weight_floor = units;
+                self.cache.replace(k, r, true).ok();
+            }
+        }
+        self.cache.set_capacity(bytes);
+        if self.cache.weight() > bytes || self.cache.len() > entries {
+            for (k, _) in self.cache.iter() {
+                if self.cache.weight() <= bytes && self.cache.len() <= entries {
+                    break;
+                }
+                self.cache.remove(&k);
+            }
+        }
     }
 }
 
@@ -351,10 +369,15 @@ impl Cache {
     /// Stores a response if its kind and lifetime allow it. A positive answer replaces any negative
     /// entry for the key (the name exists now), and a negative one never replaces a fresh positive
     /// one (a transient NXDOMAIN or SERVFAIL must not shadow good data).
-    pub fn insert(&self, key: &KeyBuf, response: Response, now: Instant) -> bool {
+    pub fn insert(&self, key: &KeyBuf, mut response: Response, now: Instant) -> bool {
         if response.lifetime().is_zero() {
             return false;
         }
+        let part = match response.kind {
+            Kind::Positive => &self.positive,
+            _ => &self.negative,
+        };
+        response.weight_floor = floor_units(part.floor.load(Ordering::Relaxed));
         let h = self.slot(key);
         match response.kind {
             Kind::Positive => {

@@ -510,7 +510,7 @@ pub fn parse_prefetch(s: &str) -> Result<PrefetchFlag, String> {
         Some(p) => p.trim_end_matches('%').parse().map_err(|_| bad())?,
         None => 10,
     };
-    if !(10..=90).contains(&percent) || parts.next().is_some() || amount > 255 {
+    if !(10..=90).contains(&percent) || parts.next().is_some() || amount > 127 {
         return Err(bad());
     }
     Ok(PrefetchFlag(Some(model::Prefetch {

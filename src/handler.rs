@@ -133,11 +133,13 @@ impl Handler {
                     }
                     Freshness::RefreshDue => {
                         wire::render(response, &view, now, limit, out);
-                        let claimed = self.cache.try_begin_refresh(slot, response.prefetch_amount);
+                        let claimed = self
+                            .cache
+                            .try_begin_refresh(slot, response.prefetch_amount());
                         (false, claimed.then_some(slot))
                     }
                     Freshness::Stale => {
-                        if response.stale_verify && !self.cache.refresh_busy(slot) {
+                        if response.stale_verify() && !self.cache.refresh_busy(slot) {
                             // Ask upstream first; the stale answer is the fallback.
                             return Outcome::Forward {
                                 stale_fallback: true,

@@ -487,10 +487,14 @@ pub struct Response {
     /// Age in seconds from which a hit refreshes it in the background (prefetch); `u32::MAX`:
     /// never.
     refresh_s: u32,
-    /// Hits inside the refresh window it takes to refresh (CoreDNS's prefetch AMOUNT).
-    pub prefetch_amount: u8,
-    /// Serve-stale `verify`: a stale hit first asks upstream (up to [`STALE_VERIFY_TIMEOUT`]).
-    pub stale_verify: bool,
+    /// Bits 0-6: hits inside the refresh window it takes to refresh (CoreDNS's prefetch AMOUNT,
+    /// 1-127); bit 7: serve-stale `verify` (a stale hit first asks upstream, up to
+    /// [`STALE_VERIFY_TIMEOUT`]). One byte, so the weight floor below fits the 192 bytes.
+    refresh_flags: u8,
+    /// The cache's weight floor (bytes) when this entry was stored (see `cache`): kept in the entry
+    /// because quick_cache weighs an entry again when it removes it, so its weight must never change
+    /// while it is cached.
+    pub weight_floor: u32,
     /// When it was stored.
     pub stored: Instant,
 }
@@ -684,12 +688,25 @@ impl Response {
                 }
                 _ => u32::MAX,
             },
-            prefetch_amount: policy
+            refresh_flags: policy
                 .prefetch
-                .map_or(1, |(amount, _)| amount.clamp(1, u8::MAX.into()) as u8),
-            stale_verify: policy.stale_verify,
+                .map_or(1, |(amount, _)| amount.clamp(1, 127) as u8)
+                | if policy.stale_verify { 0x80 } else { 0 },
+            weight_floor: 0,
             stored: now,
         })
+    }
+
+    /// Prefetch AMOUNT: hits inside the refresh window it takes to refresh.
+    #[inline]
+    pub fn prefetch_amount(&self) -> u8 {
+        self.refresh_flags & 0x7f
+    }
+
+    /// Serve-stale `verify` mode.
+    #[inline]
+    pub fn stale_verify(&self) -> bool {
+        self.refresh_flags & 0x80 != 0
     }
 
     /// How long this response may be served from cache (zero: do not cache).

@@ -245,3 +245,101 @@ fn the_slab_estimate_follows_the_byte_budget_not_the_entry_cap() {
     );
     assert_eq!(estimated_items(0, 0), 1);
 }
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Store name `n` with this record TTL (positive) or as NXDOMAIN (`None`).
+        Insert(u8, Option<u32>),
+        Advance(u32),
+        Lookup(u8),
+        /// A reload that changes the limits (entries, bytes).
+        Resize(usize, u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..40, proptest::option::of(0u32..120)).prop_map(|(n, t)| Op::Insert(n, t)),
+            (0u32..50).prop_map(Op::Advance),
+            (0u8..40).prop_map(Op::Lookup),
+            (1usize..64, 2_000u64..40_000).prop_map(|(e, b)| Op::Resize(e, b)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Whatever the sequence: a served TTL is never above what was stored and never wraps below
+        /// zero; nothing is served past its lifetime plus the serve-stale window; the byte budget
+        /// holds (the entry bound holds until a resize, after which it converges as entries turn
+        /// over: see `Part::resize`).
+        #[test]
+        fn ttls_expiry_and_bounds_hold(ops in proptest::collection::vec(op(), 1..120), stale in 0u64..30) {
+            let mut limits = Limits { positive_entries: 16, positive_bytes: 20_000, negative_entries: 16, negative_bytes: 20_000 };
+            let c = Cache::new(limits);
+            let policy = TtlPolicy { stale: Duration::from_secs(stale), max_ttl: Duration::from_secs(60), ..TtlPolicy::default() };
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut resized = false;
+            // name -> (stored at, record TTL as stored) for what the model knows.
+            let mut stored: std::collections::HashMap<u8, (Instant, u32)> = Default::default();
+            for op in ops {
+                match op {
+                    Op::Insert(n, ttl) => {
+                        let q = query(1, &format!("n{n}.example."), RecordType::A, None);
+                        let reply = |u: &[u8]| match ttl {
+                            Some(t) => a_reply(u, &[t]),
+                            None => negative_reply(u, true, Some((30, 30))),
+                        };
+                        let (k, r) = stored_with(&q, reply, &policy, now);
+                        let life = r.lifetime().as_secs() as u32;
+                        if c.insert(&k, r, now) && ttl.is_some() {
+                            stored.insert(n, (now, life));
+                        }
+                    }
+                    Op::Advance(s) => now += Duration::from_secs(u64::from(s)),
+                    Op::Lookup(n) => {
+                        let q = query(7, &format!("n{n}.example."), RecordType::A, None);
+                        let v = scan_query(&q).unwrap();
+                        let mut out = Vec::new();
+                        let hit = c.with_hit(&v.key, now, |r, neg, f, _| {
+                            if f == Freshness::Stale {
+                                crate::wire::render_stale(r, &v, 4096, &mut out);
+                            } else {
+                                crate::wire::render(r, &v, now, 4096, &mut out);
+                            }
+                            (neg, f, r.stored, r.lifetime())
+                        });
+                        if let Some((neg, f, at, life)) = hit {
+                            let age = now.saturating_duration_since(at);
+                            prop_assert!(age < life + Duration::from_secs(stale), "served past lifetime + stale window");
+                            prop_assert_eq!(f == Freshness::Stale, age >= life);
+                            let m = hickory_proto::op::Message::from_vec(&out).unwrap();
+                            for rr in m.answers.iter().chain(m.authorities.iter()) {
+                                prop_assert!(rr.ttl <= life.as_secs() as u32, "TTL above the stored lifetime");
+                                prop_assert!(rr.ttl <= 86_400);
+                            }
+                            if !neg && let Some(&(_, l)) = stored.get(&n) {
+                                prop_assert!(m.answers.iter().all(|rr| rr.ttl <= l));
+                            }
+                        }
+                    }
+                    Op::Resize(e, b) => {
+                        limits = Limits { positive_entries: e, positive_bytes: b, negative_entries: e, negative_bytes: b };
+                        c.resize(limits);
+                        resized = true;
+                    }
+                }
+                let s = c.stats();
+                prop_assert!(s.positive_bytes <= limits.positive_bytes, "positive bytes {} > {}", s.positive_bytes, limits.positive_bytes);
+                prop_assert!(s.negative_bytes <= limits.negative_bytes);
+                if !resized {
+                    prop_assert!(s.positive_entries <= limits.positive_entries as u64);
+                    prop_assert!(s.negative_entries <= limits.negative_entries as u64);
+                }
+            }
+        }
+    }
+}
