@@ -55,6 +55,8 @@ pub struct AdminState {
     listeners_bound: AtomicBool,
     setup_done: AtomicBool,
     upstream_reachable: AtomicBool,
+    /// Set at SIGTERM: `/ready` says 503 "draining" from then on while DNS is still served.
+    draining: AtomicBool,
 }
 
 impl AdminState {
@@ -69,6 +71,7 @@ impl AdminState {
             listeners_bound: AtomicBool::new(false),
             setup_done: AtomicBool::new(false),
             upstream_reachable: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -100,8 +103,19 @@ impl AdminState {
         self.upstream_reachable.store(v, Ordering::Relaxed);
     }
 
-    /// Names of the readiness conditions not yet met; empty means ready.
+    /// Set at SIGTERM (the lameduck/grace period starts): never cleared.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Names of the readiness conditions not yet met; empty means ready. While draining the
+    /// first is "draining".
     pub fn missing_readiness(&self) -> Vec<&'static str> {
+        let draining = self
+            .draining
+            .load(Ordering::Relaxed)
+            .then_some("draining");
+        draining.into_iter().chain(
         [
             ("listeners_bound", &self.listeners_bound),
             ("setup_done", &self.setup_done),
@@ -109,7 +123,7 @@ impl AdminState {
         ]
         .into_iter()
         .filter(|(_, flag)| !flag.load(Ordering::Relaxed))
-        .map(|(name, _)| name)
+        .map(|(name, _)| name))
         .collect()
     }
 }
@@ -329,6 +343,25 @@ pub enum ProbeError {
 /// any kind proves the listener loop is alive. Replies with other IDs are ignored, so a
 /// late reply to an earlier probe cannot make a wedged listener look healthy.
 pub async fn probe_dns(target: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
+    probe(target, timeout, is_probe_reply).await
+}
+
+/// Whether a nodedns answers the health query at `target` within `timeout`: a reply with
+/// NOERROR, which only nodedns gives (a cluster DNS reached through kube-proxy's DNAT refuses a
+/// CHAOS name it does not serve). Used at start and at exit to find a peer instance.
+pub async fn probe_nodedns(target: SocketAddr, timeout: Duration) -> bool {
+    probe(target, timeout, |m, id| {
+        is_probe_reply(m, id) && m.get(3).is_some_and(|f| f & 0x0f == 0)
+    })
+    .await
+    .is_ok()
+}
+
+async fn probe(
+    target: SocketAddr,
+    timeout: Duration,
+    accept: fn(&[u8], u16) -> bool,
+) -> Result<(), ProbeError> {
     let target = loopback_if_unspecified(target);
     let local: SocketAddr = match target.ip() {
         IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -344,7 +377,7 @@ pub async fn probe_dns(target: SocketAddr, timeout: Duration) -> Result<(), Prob
     tokio::time::timeout(timeout, async {
         loop {
             let n = sock.recv(&mut buf).await?;
-            if is_probe_reply(buf.get(..n).unwrap_or(&[]), id) {
+            if accept(buf.get(..n).unwrap_or(&[]), id) {
                 return Ok(());
             }
         }

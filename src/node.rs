@@ -48,6 +48,30 @@ pub fn local_ips(listen: &[SocketAddr]) -> Vec<IpAddr> {
     ips
 }
 
+/// How long a peer has to answer the health query. It answers from memory in microseconds; a
+/// missing one answers with ICMP port unreachable at once, so this only bounds a lost datagram.
+pub const PEER_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// The listen addresses another nodedns answers on: each local listen address (a wildcard has no
+/// node state, and an address that is not local is not probed, since the probe would leave the
+/// node) gets the CHAOS health query. Called before binding (a handover) and after this process
+/// closed its own sockets (then any answer is a peer's).
+pub async fn serving_peers(listen: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut found = Vec::new();
+    for &a in listen {
+        if a.ip().is_unspecified() || found.contains(&a) {
+            continue;
+        }
+        if !netif::is_local(a.ip()).unwrap_or(false) {
+            continue;
+        }
+        if crate::admin::probe_nodedns(a, PEER_PROBE_TIMEOUT).await {
+            found.push(a);
+        }
+    }
+    found
+}
+
 fn firewall_metric(e: &FirewallError) -> SetupErrorKind {
     match e.kind() {
         "iptables_lock" => SetupErrorKind::IptablesLock,
@@ -184,6 +208,26 @@ impl Node {
             }
         }
         ok
+    }
+
+    /// At exit, after this process's sockets are closed: when another nodedns still answers on
+    /// a listen address, leaves link, addresses and rules to it (it adopts them: the link carries
+    /// the nodedns alias, and its reconcile keeps addresses and rules); otherwise [`teardown`].
+    /// The last instance to exit tears down.
+    ///
+    /// [`teardown`]: Node::teardown
+    pub async fn teardown_unless_peer(&mut self, listen: &[SocketAddr]) {
+        if self.skip_teardown || (self.netif.is_none() && self.firewall.is_none()) {
+            return self.teardown().await;
+        }
+        let peers = serving_peers(listen).await;
+        if peers.is_empty() {
+            return self.teardown().await;
+        }
+        tracing::info!(
+            peer_serves = ?peers,
+            "another nodedns serves these addresses: leaving link, addresses and rules to it"
+        );
     }
 
     /// Removes the rules, then the addresses and link, that nodedns created; nothing with

@@ -100,6 +100,10 @@ pub fn safety_args() -> Vec<&'static str> {
     if help_mentions("--health-listen") {
         v.extend(["--health-listen", "off"]);
     }
+    // No lameduck wait at stop unless a test asks for one (a later flag overrides this one).
+    if help_mentions("--shutdown-grace") {
+        v.push("--shutdown-grace=0");
+    }
     // Without --upstream nodedns reads resolv.conf: make that a loopback-only one, so no test can
     // ever send a query off this machine.
     if help_mentions("--resolv-conf") {

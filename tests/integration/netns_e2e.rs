@@ -429,6 +429,8 @@ impl NsNodedns {
         if let Ok(level) = std::env::var("NODEDNS_TEST_LOG_LEVEL") {
             cmd.args(["--log-level", &level]);
         }
+        // No lameduck wait at stop unless the test asks for one (a later flag overrides this).
+        cmd.arg("--shutdown-grace=0");
         cmd.args(args);
         // Whatever the test runner's environment says, only `env` chooses a cluster DNS.
         cmd.env_remove("KUBE_DNS_UPSTREAM_SERVICE_HOST")
