@@ -222,8 +222,9 @@ pub async fn run(
             Ok(l) => admin_listeners.push((addr, l)),
             Err(e) => {
                 // Leave the node as we found it: no addresses without a running nodedns.
-                node.teardown_unless_peer(&config.listen).await;
+                // Our sockets first: the peer check must not find them.
                 listeners.shutdown(Duration::ZERO).await;
+                node.teardown_unless_peer(&config.listen).await;
                 return Err(anyhow::anyhow!("cannot bind the HTTP endpoint {addr}: {e}"));
             }
         }

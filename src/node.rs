@@ -12,7 +12,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::config::NodeOptions;
-use crate::firewall::{Backend, Firewall, FirewallError, Rules};
+use crate::firewall::{Backend, Firewall, FirewallError, Intercept, Rules};
 use crate::metrics::{Metrics, SetupErrorKind};
 use crate::netif::{self, Netif, NetifConfig, NetifError};
 
@@ -131,14 +131,35 @@ impl Node {
             None if !on_link.is_empty() => Backend::Iptables,
             None => Backend::None,
         };
-        let firewall = (backend != Backend::None).then(|| {
+        let firewall = if backend == Backend::None {
+            None
+        } else {
             // Rules for the IPs on nodedns's link; with an explicit backend and nothing on the link,
             // for every listen IP.
             let ruled = if on_link.is_empty() { &ips } else { &on_link };
-            let rules = plan_rules(listen, ruled, health);
-            tracing::info!(%backend, addrs = ?rules.addrs, "packet filter rules will skip conntrack for DNS");
-            Firewall::new(backend, rules)
-        });
+            let mut rules = plan_rules(listen, ruled, health);
+            let probe = rules.clone();
+            match tokio::task::spawn_blocking(move || {
+                Firewall::socket_match_supported(backend, &probe)
+            })
+            .await
+            {
+                Ok(Ok(())) => tracing::info!(
+                    "queries skip conntrack only while a nodedns socket is bound (socket match): \
+                     a dead nodedns fails open to kube-proxy's DNAT"
+                ),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "no socket match in this kernel: queries to the listen IPs skip conntrack even when nodedns is down (no fail-open to a ClusterIP's endpoints)");
+                    rules.intercept = Intercept::Always;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "socket match check; intercepting unconditionally");
+                    rules.intercept = Intercept::Always;
+                }
+            }
+            tracing::info!(%backend, addrs = ?rules.addrs, intercept = ?rules.intercept, "packet filter rules will skip conntrack for DNS");
+            Some(Firewall::new(backend, rules))
+        };
         Ok(Node {
             netif,
             firewall,
@@ -270,7 +291,11 @@ fn plan_rules(listen: &[SocketAddr], ruled: &[IpAddr], health: Option<SocketAddr
     let health_port = health
         .filter(|h| ruled.contains(&h.ip()) || h.ip().is_unspecified())
         .map(|h| h.port());
-    Rules { addrs, health_port }
+    Rules {
+        addrs,
+        health_port,
+        intercept: Intercept::default(),
+    }
 }
 
 #[cfg(test)]
