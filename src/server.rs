@@ -663,11 +663,14 @@ fn udp_worker(
         w.serve_batch(&mut b, n);
     }
     // `shutdown` sets the deadline before it says stop; a dropped sender has none: no drain.
+    // Reading ends halfway to it, so that a miss read last still has half the budget to finish.
     let until = drain_until.get().copied().unwrap_or_else(Instant::now);
-    w.drain(&rt, &mut b, until);
+    let read_until = Instant::now() + until.saturating_duration_since(Instant::now()) / 2;
+    w.drain(&rt, &mut b, read_until);
     // Let the misses in flight finish: those read before the stop are within their own deadline
-    // by `until`; one started in the drain that is not done by then is cancelled, so the exit
-    // stays within the drain budget. Then the last reference to the socket goes and it closes.
+    // by `until`; one read in the drain that is not done by then (its upstream took more than
+    // half the budget) is cancelled, so the exit stays within the budget. Then the last
+    // reference to the socket goes and it closes.
     let Worker { afd, tasks, .. } = w;
     let grace_end = until.max(Instant::now() + Duration::from_millis(100));
     rt.block_on(async move {

@@ -268,6 +268,10 @@ impl Nodedns {
     }
 
     /// Whether the process is still running.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
