@@ -111,20 +111,20 @@ impl AdminState {
     /// Names of the readiness conditions not yet met; empty means ready. While draining the
     /// first is "draining".
     pub fn missing_readiness(&self) -> Vec<&'static str> {
-        let draining = self
-            .draining
-            .load(Ordering::Relaxed)
-            .then_some("draining");
-        draining.into_iter().chain(
-        [
-            ("listeners_bound", &self.listeners_bound),
-            ("setup_done", &self.setup_done),
-            ("upstream_reachable", &self.upstream_reachable),
-        ]
-        .into_iter()
-        .filter(|(_, flag)| !flag.load(Ordering::Relaxed))
-        .map(|(name, _)| name))
-        .collect()
+        let draining = self.draining.load(Ordering::Relaxed).then_some("draining");
+        draining
+            .into_iter()
+            .chain(
+                [
+                    ("listeners_bound", &self.listeners_bound),
+                    ("setup_done", &self.setup_done),
+                    ("upstream_reachable", &self.upstream_reachable),
+                ]
+                .into_iter()
+                .filter(|(_, flag)| !flag.load(Ordering::Relaxed))
+                .map(|(name, _)| name),
+            )
+            .collect()
     }
 }
 

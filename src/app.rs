@@ -252,6 +252,8 @@ pub async fn run(
     let prober = tokio::spawn(async move {
         loop {
             if probe_state.missing_readiness().is_empty() {
+                // Client traffic got an answer first (as for a surge pod beside a live peer).
+                tracing::info!("an upstream answered; ready (client traffic)");
                 return;
             }
             if probe_ctx.upstreams().probe(Duration::from_secs(1)).await {
@@ -303,7 +305,10 @@ pub async fn run(
     // served as before (a surge peer may still be starting).
     admin_state.set_draining();
     let grace = config.shutdown_grace;
-    tracing::info!(?grace, "stop requested: draining (/ready reports 503), serving meanwhile");
+    tracing::info!(
+        ?grace,
+        "stop requested: draining (/ready reports 503), serving meanwhile"
+    );
     tokio::time::sleep(grace).await;
     tracing::info!("shutting down");
     if let Some(r) = reloader {

@@ -510,7 +510,7 @@ fn nftables_table_is_ensured_repaired_and_torn_down() {
         Vec::<String>::new()
     );
 
-    let rule = format!("ip daddr {V4} udp dport 53 socket wildcard 0 notrack");
+    let rule = format!("ip daddr {V4} udp dport 53 socket transparent 0 notrack");
     let handle = nft_handle(&ns, "raw-prerouting", &rule);
     ns.ok(&[
         "nft",

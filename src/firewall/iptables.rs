@@ -200,7 +200,9 @@ const PROBE_CHAIN: &str = "NODEDNS-PROBE";
 /// the raw table, and remove that chain.
 pub fn probe_scripts() -> (String, String) {
     (
-        format!("*raw\n:{PROBE_CHAIN} - [0:0]\n-A {PROBE_CHAIN} -p udp -m socket -j RETURN\nCOMMIT\n"),
+        format!(
+            "*raw\n:{PROBE_CHAIN} - [0:0]\n-A {PROBE_CHAIN} -p udp -m socket -j RETURN\nCOMMIT\n"
+        ),
         format!("*raw\n-F {PROBE_CHAIN}\n-X {PROBE_CHAIN}\nCOMMIT\n"),
     )
 }

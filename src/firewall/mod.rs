@@ -81,8 +81,8 @@ pub struct Rules {
 /// DNAT of a ClusterIP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Intercept {
-    /// Only while a socket is bound to the very address and port (`-m socket` / nft's
-    /// `socket wildcard 0`; a wildcard-bound socket does not count): a dead nodedns fails open,
+    /// Only while a socket would receive them (`-m socket`, which ignores wildcard-bound
+    /// sockets, / nft's `socket transparent 0`, which does not): a dead nodedns fails open,
     /// its queries are tracked again and kube-proxy's DNAT takes them to the cluster DNS.
     #[default]
     WhileListening,

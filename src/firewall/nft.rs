@@ -61,11 +61,13 @@ pub fn chains(r: &Rules) -> Vec<Chain> {
         }
         let (ip, dns) = (a.ip(), a.port());
         let (d, s) = (matcher(ip, "daddr"), matcher(ip, "saddr"));
-        // Incoming queries skip conntrack only while a socket is bound to this very address and
-        // port (`wildcard 0`: not a wildcard-bound one, as iptables' socket match). Not in
-        // output: there the packet's socket is its sender's, so the match would always hold.
+        // Incoming queries skip conntrack only while a socket would receive them (`transparent
+        // 0` holds for any socket found, request sockets of a TCP handshake included; `wildcard
+        // 0` does not: it breaks on those, so a handshake's ACK was tracked and DNATed away).
+        // Unlike iptables' match this counts a wildcard-bound socket too. Not in output: there
+        // the packet's socket is its sender's, so the match would always hold.
         let socket = match r.intercept {
-            Intercept::WhileListening => " socket wildcard 0",
+            Intercept::WhileListening => " socket transparent 0",
             Intercept::Always => "",
         };
         for proto in ["tcp", "udp"] {
@@ -144,7 +146,7 @@ const PROBE_TABLE: &str = "nodedns-probe";
 /// hook, so no traffic passes it) in a table of its own, deleted in the same transaction.
 pub fn probe_script() -> String {
     format!(
-        "table inet {PROBE_TABLE} {{\n\tchain probe {{\n\t\tudp dport 53 socket wildcard 0 accept\n\t}}\n}}\ndelete table inet {PROBE_TABLE}\n"
+        "table inet {PROBE_TABLE} {{\n\tchain probe {{\n\t\tudp dport 53 socket transparent 0 accept\n\t}}\n}}\ndelete table inet {PROBE_TABLE}\n"
     )
 }
 
@@ -343,10 +345,10 @@ table inet nodedns {
         assert_eq!(
             c[0].rules,
             vec![
-                "ip daddr 10.96.0.10 tcp dport 53 socket wildcard 0 notrack",
-                "ip daddr 10.96.0.10 udp dport 53 socket wildcard 0 notrack",
-                "ip6 daddr fd00::10 tcp dport 53 socket wildcard 0 notrack",
-                "ip6 daddr fd00::10 udp dport 53 socket wildcard 0 notrack",
+                "ip daddr 10.96.0.10 tcp dport 53 socket transparent 0 notrack",
+                "ip daddr 10.96.0.10 udp dport 53 socket transparent 0 notrack",
+                "ip6 daddr fd00::10 tcp dport 53 socket transparent 0 notrack",
+                "ip6 daddr fd00::10 udp dport 53 socket transparent 0 notrack",
             ]
         );
         let mut always = r(&["10.96.0.10", "fd00::10"], None);
@@ -354,7 +356,7 @@ table inet nodedns {
         assert_eq!(c[1..], chains(&always)[1..]);
         assert_eq!(
             probe_script(),
-            "table inet nodedns-probe {\n\tchain probe {\n\t\tudp dport 53 socket wildcard 0 accept\n\t}\n}\ndelete table inet nodedns-probe\n"
+            "table inet nodedns-probe {\n\tchain probe {\n\t\tudp dport 53 socket transparent 0 accept\n\t}\n}\ndelete table inet nodedns-probe\n"
         );
     }
 

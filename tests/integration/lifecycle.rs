@@ -114,7 +114,9 @@ async fn one_query(
             Ok(m)
                 if m.metadata.id == id
                     && m.metadata.response_code == expect_rcode
-                    && m.queries.first().map(|q| q.name().to_ascii().to_lowercase())
+                    && m.queries
+                        .first()
+                        .map(|q| q.name().to_ascii().to_lowercase())
                         == Some(name.to_lowercase()) =>
             {
                 Fate::Answered
@@ -218,9 +220,17 @@ async fn sigterm_drains_a_stream_of_slow_misses() {
     let stderr = node.stderr_text();
     assert!(exited, "no exit within grace + deadline + 2 s:\n{stderr}");
     let count = |v: &[Fate], f: Fate| v.iter().filter(|x| **x == f).count();
-    assert_eq!(count(&stream, Fate::Lost), 0, "stream queries lost: {stream:?}\n{stderr}");
+    assert_eq!(
+        count(&stream, Fate::Lost),
+        0,
+        "stream queries lost: {stream:?}\n{stderr}"
+    );
     assert_eq!(count(&stream, Fate::Wrong), 0, "wrong answers: {stream:?}");
-    assert_eq!(count(&late, Fate::Lost) + count(&late, Fate::Wrong), 0, "late: {late:?}\n{stderr}");
+    assert_eq!(
+        count(&late, Fate::Lost) + count(&late, Fate::Wrong),
+        0,
+        "late: {late:?}\n{stderr}"
+    );
     assert_eq!(
         late.last(),
         Some(&Fate::Refused),

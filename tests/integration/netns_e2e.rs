@@ -1069,7 +1069,7 @@ fn firewall_backend_lifecycle(test: &str, backend: &str) {
                 .lines()
                 .find_map(|l| {
                     let (text, h) = l.trim().split_once(" # handle ")?;
-                    (text == "ip daddr 169.254.20.10 udp dport 53 socket wildcard 0 notrack")
+                    (text == "ip daddr 169.254.20.10 udp dport 53 socket transparent 0 notrack")
                         .then(|| h.trim().to_string())
                 })
                 .unwrap_or_else(|| panic!("{test}: rule not in\n{listing}"));
