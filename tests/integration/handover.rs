@@ -272,7 +272,11 @@ fn rolling_update(test: &str, backend: &str) {
     let upstream = up.addr_str();
     let args = node_args(backend, &upstream, &["--shutdown-grace", "1s"]);
     let mut a = NsNodedns::start(&node, &args, &[]);
-    assert_eq!(rule_count(&node, backend), 24, "{test}: A's rules");
+    // Answering comes before the rules (they follow the bind): wait for them.
+    assert!(
+        poll(Duration::from_secs(10), || rule_count(&node, backend) == 24),
+        "{test}: A's rules"
+    );
 
     let done = AtomicBool::new(false);
     let sent = AtomicUsize::new(0);
@@ -408,6 +412,12 @@ fn fail_open(test: &str, backend: &str) {
     let args = node_args(backend, "10.78.0.2:53", &[]);
     let name = hot_name(3);
     let mut n = NsNodedns::start(&node, &args, &[]);
+    // Answering comes before the rules (they follow the bind): until they are in, a query to
+    // the ClusterIP still goes to the DNAT.
+    assert!(
+        poll(Duration::from_secs(10), || rule_count(&node, backend) == 24),
+        "{test}: rules"
+    );
     for _ in 0..5 {
         let m = client.query(cluster_dns(), &name, RecordType::A);
         assert_eq!(a_strings(&m), vec![hot_ip(3)], "{m:?}");

@@ -248,3 +248,59 @@ async fn sigterm_drains_a_stream_of_slow_misses() {
         );
     }
 }
+
+/// Lameduck: from SIGTERM on `/ready` is 503 "draining" while DNS is still answered for the
+/// grace; then nodedns exits by itself. Before the drain existed `/ready` stayed 200 until the
+/// process was gone, and DNS stopped at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_turns_ready_to_draining_and_serves_through_the_grace() {
+    let up = FakeUpstream::start().await;
+    up.set_a("q.example", "10.0.0.1".parse().unwrap(), 60);
+    let http: std::net::SocketAddr = format!("127.0.0.1:{}", crate::harness::free_port())
+        .parse()
+        .unwrap();
+    let http_s = http.to_string();
+    let mut node =
+        Nodedns::with_upstream(&up, &["--health-listen", &http_s, "--shutdown-grace", "5s"]).await;
+    // Ready first (an upstream answered once the probe ran, or through this query).
+    let r = query_udp(node.addr, "q.example.", RecordType::A, None, false).await;
+    assert_eq!(r.answers.len(), 1);
+    let mut status = 0;
+    for _ in 0..100 {
+        status = crate::metrics_e2e::http_get(http, "/ready").await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "ready before the stop");
+    node.signal(Signal::SIGTERM);
+    assert!(
+        crate::harness::wait_until(Duration::from_secs(2), || node
+            .stderr_text()
+            .contains("draining"))
+        .await,
+        "{}",
+        node.stderr_text()
+    );
+    let (status, body) = crate::metrics_e2e::http_get(http, "/ready").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
+    // Still serving: a hit and a miss.
+    let r = query_udp(node.addr, "q.example.", RecordType::A, None, false).await;
+    assert_eq!(r.answers.len(), 1, "a hit during the grace");
+    up.set_a("new.example", "10.0.0.2".parse().unwrap(), 60);
+    let r = query_udp(node.addr, "new.example.", RecordType::A, None, false).await;
+    assert_eq!(r.answers.len(), 1, "a miss during the grace");
+    assert!(
+        !node.stderr_text().contains("shutting down"),
+        "the grace is not over yet: {}",
+        node.stderr_text()
+    );
+    let st = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(15)));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "{st:?}: {}",
+        node.stderr_text()
+    );
+}

@@ -13,7 +13,7 @@ use crate::fake_upstream::{Behavior, FakeUpstream};
 use crate::harness::{Nodedns, free_port, query_tcp, query_udp};
 
 /// A plain HTTP/1.1 GET; returns (status, body).
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr)
         .await
         .expect("connect to the HTTP endpoint");
