@@ -382,6 +382,20 @@ impl Listeners {
         let _ = self.drain_until.set(Instant::now() + drain);
         let _ = self.tcp_stop.send(true);
         for s in &self.udp_socks {
+            // Out of the reuseport group first: a connected UDP socket is skipped when the kernel
+            // picks a group member for a datagram, and matches only its peer (itself, which
+            // never sends here). From now on a peer's sockets get every new query (or, with no
+            // peer, a closed port answers at once, and the socket match no longer sees a
+            // listener, so a ClusterIP falls through to kube-proxy's DNAT); what is already
+            // queued stays readable and is drained. Without this, whatever the kernel hashed
+            // here between the drain's last look and the close was lost. Not for a wildcard
+            // address: connecting would fix the source address of its replies.
+            if let Ok(local) = s.local_addr()
+                && !local.ip().is_unspecified()
+                && let Err(e) = s.connect(local)
+            {
+                tracing::debug!(%local, error = %e, "udp drain: cannot leave the reuseport group");
+            }
             // Wakes a worker blocked in `recvmmsg` (it returns at once from now on), which then sees
             // the stop. Datagrams already queued stay readable, which the drain relies on. On an
             // unconnected UDP socket Linux reports ENOTCONN but does shut the read side, so the

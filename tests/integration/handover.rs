@@ -153,7 +153,7 @@ fn tcp_query(to: SocketAddr, q: &[u8]) -> std::io::Result<Vec<u8>> {
 /// The client's steady stream, run inside the client namespace: ~1,000 queries a second in
 /// batches of 10 every 10 ms, from 16 sockets (so they spread over every reuseport socket), to
 /// both addresses; 4 in 5 hit the hot names, 1 in 5 is a miss; every 25th goes over TCP. It runs
-/// until `done` is set and 1,000 more are sent; bounded by `max` queries and 60 s. Then it
+/// until `done` is set and 3,000 more are sent; bounded by `max` queries and 60 s. Then it
 /// collects replies for up to 3 s: what has none by then is lost.
 fn stream(done: &AtomicBool, sent_ctr: &AtomicUsize, max: usize) -> Report {
     let targets = [local(), cluster_dns()];
@@ -192,7 +192,7 @@ fn stream(done: &AtomicBool, sent_ctr: &AtomicUsize, max: usize) -> Report {
     let mut i = 0usize;
     while i < max && start.elapsed() < Duration::from_secs(60) {
         if done.load(Ordering::Relaxed) && extra_after_done.is_none() {
-            extra_after_done = Some(i + 1000);
+            extra_after_done = Some(i + 3000);
         }
         if extra_after_done.is_some_and(|end| i >= end) {
             break;
@@ -308,7 +308,7 @@ fn rolling_update(test: &str, backend: &str) {
         (b, report)
     });
     let a_log = a.stderr_text();
-    assert!(report.sent >= 2000 && report.tcp > 0, "{test}: {report:?}");
+    assert!(report.sent >= 4000 && report.tcp > 0, "{test}: {report:?}");
     assert!(
         report.lost.is_empty() && report.wrong.is_empty(),
         "{test}: {} of {} lost, {} wrong: {:?} {:?}\nA:\n{a_log}\nB:\n{}",
