@@ -350,11 +350,7 @@ pub async fn probe_dns(target: SocketAddr, timeout: Duration) -> Result<(), Prob
 /// NOERROR, which only nodedns gives (a cluster DNS reached through kube-proxy's DNAT refuses a
 /// CHAOS name it does not serve). Used at start and at exit to find a peer instance.
 pub async fn probe_nodedns(target: SocketAddr, timeout: Duration) -> bool {
-    probe(target, timeout, |m, id| {
-        is_probe_reply(m, id) && m.get(3).is_some_and(|f| f & 0x0f == 0)
-    })
-    .await
-    .is_ok()
+    probe(target, timeout, is_peer_reply).await.is_ok()
 }
 
 async fn probe(
@@ -411,6 +407,11 @@ fn probe_query(id: u16) -> Vec<u8> {
     q.extend_from_slice(&PROBE_QTYPE.to_be_bytes());
     q.extend_from_slice(&PROBE_QCLASS.to_be_bytes());
     q
+}
+
+/// A probe reply with rcode NOERROR (see [`probe_nodedns`]).
+fn is_peer_reply(msg: &[u8], id: u16) -> bool {
+    is_probe_reply(msg, id) && msg.get(3).is_some_and(|f| f & 0x0f == 0)
 }
 
 fn is_probe_reply(msg: &[u8], id: u16) -> bool {
@@ -474,6 +475,28 @@ mod tests {
         );
         let a: SocketAddr = "169.254.20.10:53".parse().expect("addr");
         assert_eq!(loopback_if_unspecified(a), a);
+    }
+
+    #[test]
+    fn draining_is_not_ready_whatever_else_holds() {
+        let s = AdminState::new(Arc::new(Metrics::new(&[], 1)), None);
+        s.set_listeners_bound(true);
+        s.set_setup_done(true);
+        s.set_upstream_reachable(true);
+        assert!(s.missing_readiness().is_empty());
+        s.set_draining();
+        assert_eq!(s.missing_readiness(), ["draining"]);
+    }
+
+    #[test]
+    fn peer_replies_need_noerror() {
+        let mut r = probe_query(9);
+        r[2] |= 0x80;
+        let noerror = r.clone();
+        r[3] |= 5; // REFUSED, as a cluster DNS reached through the DNAT answers
+        assert!(is_peer_reply(&noerror, 9));
+        assert!(!is_peer_reply(&noerror, 8));
+        assert!(is_probe_reply(&r, 9) && !is_peer_reply(&r, 9));
     }
 
     #[test]
