@@ -41,12 +41,17 @@ impl Recorder for RequestRecorder {
     fn answered(&self, worker: usize, proto: Proto, a: &Answered, query: &[u8]) {
         let w = self.metrics.worker(worker);
         w.request(metrics_proto(proto), a.qtype, a.rcode);
-        if let Source::Cache { negative } = a.source {
+        if let Source::Cache { negative, stale } = a.source {
             w.cache_hit(if negative {
                 CacheKind::Negative
             } else {
                 CacheKind::Positive
             });
+            if stale {
+                w.stale_answer();
+            } else if a.refresh.is_some() {
+                w.prefetch();
+            }
         }
         if self.log_queries.load(Ordering::Relaxed) {
             let name = wire::scan_query(query)
@@ -166,6 +171,7 @@ pub async fn run(
         recorder,
         config.server.max_concurrent,
     ));
+    ctx.start_refresher();
     let weak: Weak<Ctx> = Arc::downgrade(&ctx);
     metrics.set_cache_snapshot_provider(move || {
         weak.upgrade()
@@ -287,6 +293,11 @@ pub async fn run(
         }
     });
 
+    // The cache file, once the listeners answer (a cold cache never delays the first answer).
+    let warm = config.cache_file.clone().map(|(path, every)| {
+        tokio::spawn(crate::warm::run(ctx.clone(), path, every, stop_rx.clone()))
+    });
+
     let reloader = rebuild.zip(signals).map(|(rebuild, signals)| {
         let r = Reloader {
             ctx: ctx.clone(),
@@ -315,6 +326,10 @@ pub async fn run(
         r.abort();
     }
     let _ = stop_tx.send(true);
+    if let Some(w) = warm {
+        // Its final write (bounded by the cache's size).
+        let _ = w.await;
+    }
     prober.abort();
     // Let a reconcile pass in progress finish (it may be adding rules in a blocking task that an
     // abort would not stop), so teardown is the last word.

@@ -29,7 +29,7 @@ use std::hash::BuildHasher;
 
 use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter};
 
-use crate::wire::{KeyBuf, Kind, Response};
+use crate::wire::{Freshness, KeyBuf, Kind, Response};
 
 /// An owned cache key (the miss path's flight table uses it). The cache itself indexes by a hash of a
 /// borrowed [`KeyBuf`], so the hit path does not allocate.
@@ -133,15 +133,48 @@ fn floor_of(entries: usize, bytes: u64) -> u64 {
     (bytes.max(1) / entries.max(1) as u64).max(1)
 }
 
+/// The smallest weight an entry can have: a `Response` and its slot key, with nothing on the heap.
+const MIN_ENTRY_WEIGHT: u64 = (std::mem::size_of::<Response>() + std::mem::size_of::<u64>()) as u64;
+
+/// quick_cache keeps the hashes of recently evicted entries ("ghosts", for its CLOCK-Pro admission)
+/// in the same slab as live ones, one full slot each, up to `ghost_allocation` × its estimated item
+/// count. nodedns used to pass the entry cap as that estimate: with `--cache-size 1000000` and a
+/// 4 MiB budget, 400k distinct names grew RSS to 99 MB (and rising) while the cache held 4 MiB of
+/// entries. The estimate is now what the byte budget can hold at most (`bytes / MIN_ENTRY_WEIGHT`,
+/// or the entry cap if smaller), and ghosts get a quarter of it, so their slots cost at most a
+/// quarter of the byte budget whatever the entry caps say.
+fn estimated_items(entries: usize, bytes: u64) -> usize {
+    let by_bytes = usize::try_from(bytes / MIN_ENTRY_WEIGHT).unwrap_or(usize::MAX);
+    entries.min(by_bytes).max(1)
+}
+
+/// See [`estimated_items`].
+const GHOST_ALLOCATION: f64 = 0.25;
+
 impl Part {
     fn new(entries: usize, bytes: u64) -> Part {
         let entries = entries.max(1);
         let bytes = bytes.max(1);
         let evictions = Evictions::default();
         let floor = Arc::new(AtomicU64::new(floor_of(entries, bytes)));
-        Part {
-            cache: Shard::with(
-                entries,
+        let mut options = quick_cache::OptionsBuilder::new();
+        options
+            .estimated_items_capacity(estimated_items(entries, bytes))
+            .weight_capacity(bytes)
+            .ghost_allocation(GHOST_ALLOCATION);
+        let cache = match options.build() {
+            Ok(o) => Shard::with_options(
+                o,
+                EntryWeight {
+                    floor: floor.clone(),
+                },
+                DefaultHashBuilder::default(),
+                evictions.clone(),
+            ),
+            // Not reachable with these values (quick_cache rejects only a ghost or hot allocation
+            // outside [0, 1]); the defaults are a safe fallback.
+            Err(_) => Shard::with(
+                estimated_items(entries, bytes),
                 bytes,
                 EntryWeight {
                     floor: floor.clone(),
@@ -149,6 +182,9 @@ impl Part {
                 DefaultHashBuilder::default(),
                 evictions.clone(),
             ),
+        };
+        Part {
+            cache,
             evictions,
             floor,
         }
@@ -175,12 +211,70 @@ pub struct Stats {
     pub negative_evictions: u64,
 }
 
+/// Background refreshes in progress (or recently failed), one bit per slot hash: a hot name in its
+/// prefetch or stale window triggers one refresh, not one per hit. Like CoreDNS's per-item
+/// `refreshing` flag, but quick_cache hands out copies, so the flag lives here, indexed by the hash
+/// the lookup already computed; two keys sharing a bit delay each other's refresh by at most one
+/// refresh. 1,024 words (8 KiB), touched only by hits inside a refresh window.
+struct RefreshGate {
+    bits: Box<[AtomicU64]>,
+    /// Hits seen in the refresh window, per slot hash (saturating), for prefetch AMOUNT > 1.
+    hits: Box<[std::sync::atomic::AtomicU8]>,
+}
+
+const GATE_WORDS: usize = 1024;
+const HIT_COUNTERS: usize = 4096;
+
+impl RefreshGate {
+    fn new() -> RefreshGate {
+        RefreshGate {
+            bits: (0..GATE_WORDS).map(|_| AtomicU64::new(0)).collect(),
+            hits: (0..HIT_COUNTERS)
+                .map(|_| std::sync::atomic::AtomicU8::new(0))
+                .collect(),
+        }
+    }
+
+    fn word_bit(slot: u64) -> (usize, u64) {
+        let bit = slot as usize % (GATE_WORDS * 64);
+        (bit / 64, 1u64 << (bit % 64))
+    }
+
+    fn try_begin(&self, slot: u64) -> bool {
+        let (w, b) = Self::word_bit(slot);
+        self.bits[w].fetch_or(b, Ordering::AcqRel) & b == 0
+    }
+
+    fn is_busy(&self, slot: u64) -> bool {
+        let (w, b) = Self::word_bit(slot);
+        self.bits[w].load(Ordering::Acquire) & b != 0
+    }
+
+    fn end(&self, slot: u64) {
+        let (w, b) = Self::word_bit(slot);
+        self.bits[w].fetch_and(!b, Ordering::AcqRel);
+        self.hits[slot as usize % HIT_COUNTERS].store(0, Ordering::Relaxed);
+    }
+
+    /// Counts a hit in the refresh window; says whether `amount` have been seen.
+    fn count(&self, slot: u64, amount: u8) -> bool {
+        if amount <= 1 {
+            return true;
+        }
+        let c = &self.hits[slot as usize % HIT_COUNTERS];
+        let n = c.load(Ordering::Relaxed).saturating_add(1);
+        c.store(n, Ordering::Relaxed);
+        n >= amount
+    }
+}
+
 /// The response cache.
 pub struct Cache {
     positive: Part,
     negative: Part,
     /// Hashes keys to the `u64` the parts are indexed by (randomly seeded per process).
     hasher: DefaultHashBuilder,
+    refresh: RefreshGate,
 }
 
 impl Cache {
@@ -189,7 +283,30 @@ impl Cache {
             positive: Part::new(limits.positive_entries, limits.positive_bytes),
             negative: Part::new(limits.negative_entries, limits.negative_bytes),
             hasher: DefaultHashBuilder::default(),
+            refresh: RefreshGate::new(),
         }
+    }
+
+    /// The slot hash of `key` (what the refresh calls take).
+    pub fn slot_of(&self, key: &KeyBuf) -> u64 {
+        self.slot(key)
+    }
+
+    /// Claims the background refresh of slot `slot`: `true` for the first caller, until
+    /// [`Cache::end_refresh`]. For a hit in the prefetch window, only once `amount` hits have been
+    /// seen there.
+    pub fn try_begin_refresh(&self, slot: u64, amount: u8) -> bool {
+        self.refresh.count(slot, amount) && self.refresh.try_begin(slot)
+    }
+
+    /// Whether a refresh of `slot` is running or failed within the recheck period.
+    pub fn refresh_busy(&self, slot: u64) -> bool {
+        self.refresh.is_busy(slot)
+    }
+
+    /// Releases a refresh claim.
+    pub fn end_refresh(&self, slot: u64) {
+        self.refresh.end(slot);
     }
 
     #[inline]
@@ -197,25 +314,36 @@ impl Cache {
         self.hasher.hash_one(KeyRef(key))
     }
 
-    /// Looks up a fresh entry (an expired one is a miss, left for the refill to replace) and hands it
-    /// to `f` by reference, with whether it is negative: the hit path renders straight from the copy
+    /// Looks up a servable entry (an expired one past any serve-stale window is a miss, left for
+    /// the refill to replace) and hands it to `f` by reference, with whether it is negative, how
+    /// fresh it is and its slot hash (for a refresh): the hit path renders straight from the copy
     /// the cache hands out, with no further move of it.
+    ///
+    /// A fresh positive entry wins; then a fresh negative one (a real NXDOMAIN beats a stale
+    /// positive), except a SERVFAIL, which never hides a servable positive; then a stale one.
     #[inline]
     pub fn with_hit<R>(
         &self,
         key: &KeyBuf,
         now: Instant,
-        f: impl FnOnce(&Response, bool) -> R,
+        f: impl FnOnce(&Response, bool, Freshness, u64) -> R,
     ) -> Option<R> {
         let h = self.slot(key);
-        if let Some(r) = self.positive.cache.get(&h)
-            && r.answers(key)
-            && r.is_fresh(now)
-        {
-            return Some(f(&r, false));
+        let pos = self.positive.cache.get(&h).filter(|r| r.answers(key));
+        let pos_state = pos.as_ref().and_then(|r| r.freshness(now));
+        if let (Some(r), Some(s @ (Freshness::Fresh | Freshness::RefreshDue))) = (&pos, pos_state) {
+            return Some(f(r, false, s, h));
         }
-        match self.negative.cache.get(&h) {
-            Some(r) if r.answers(key) && r.is_fresh(now) => Some(f(&r, true)),
+        let neg = self.negative.cache.get(&h).filter(|r| r.answers(key));
+        if let Some(r) = &neg
+            && let Some(s) = r.freshness(now)
+            && (s != Freshness::Stale || pos_state.is_none())
+            && !(r.kind == Kind::ServFail && pos_state.is_some())
+        {
+            return Some(f(r, true, s, h));
+        }
+        match (pos, pos_state) {
+            (Some(r), Some(s)) => Some(f(&r, false, s, h)),
             _ => None,
         }
     }
@@ -224,7 +352,7 @@ impl Cache {
     /// entry for the key (the name exists now), and a negative one never replaces a fresh positive
     /// one (a transient NXDOMAIN or SERVFAIL must not shadow good data).
     pub fn insert(&self, key: &KeyBuf, response: Response, now: Instant) -> bool {
-        if response.lifetime.is_zero() {
+        if response.lifetime().is_zero() {
             return false;
         }
         let h = self.slot(key);
@@ -235,9 +363,12 @@ impl Cache {
                 true
             }
             Kind::Negative | Kind::ServFail => {
+                // A negative answer never replaces a fresh positive one, and a SERVFAIL not even a
+                // stale one still inside its serve-stale window (RFC 8767 §5: a failure must not
+                // replace a servable answer; coredns#7956).
                 if let Some(p) = self.positive.cache.peek(&h)
                     && p.answers(key)
-                    && p.is_fresh(now)
+                    && (p.is_fresh(now) || response.kind == Kind::ServFail && p.is_servable(now))
                 {
                     return false;
                 }
@@ -246,6 +377,27 @@ impl Cache {
             }
             Kind::Uncacheable => false,
         }
+    }
+
+    /// A copy of every entry (for the cache file). Takes each shard's read lock in turn: run it
+    /// off the hit path's threads.
+    pub fn snapshot(&self) -> Vec<Response> {
+        self.positive
+            .cache
+            .iter()
+            .chain(self.negative.cache.iter())
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    /// Stores `response` only if the key has no entry yet (merging a cache file into a warm cache).
+    pub fn insert_if_absent(&self, key: &KeyBuf, response: Response, now: Instant) -> bool {
+        let h = self.slot(key);
+        let present = |p: &Part| p.cache.peek(&h).is_some_and(|r| r.answers(key));
+        if present(&self.positive) || present(&self.negative) {
+            return false;
+        }
+        self.insert(key, response, now)
     }
 
     /// Applies new limits without dropping the cache (a reload).

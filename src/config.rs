@@ -124,6 +124,30 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", default_value = "8M", value_parser = parse_bytes)]
     pub negative_cache_bytes: u64,
 
+    /// Keep the cache in this file across restarts: written every --cache-file-interval and at
+    /// stop, read (every entry re-validated) at start.
+    #[arg(long, value_name = "PATH")]
+    pub cache_file: Option<PathBuf>,
+
+    /// How often the cache file is written.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
+    pub cache_file_interval: Duration,
+
+    /// Serve expired answers for this long past their TTL when upstream fails (RFC 8767; CoreDNS's
+    /// `serve_stale`); 0 turns it off.
+    #[arg(long, value_name = "DUR", default_value = "0", value_parser = parse_duration)]
+    pub serve_stale: Duration,
+
+    /// immediate: a stale answer at once, refreshed in the background; verify: ask upstream first
+    /// (up to 1.8 s), the stale answer if it fails.
+    #[arg(long, value_name = "MODE", default_value = "immediate", value_parser = ["immediate", "verify"])]
+    pub serve_stale_mode: String,
+
+    /// Refresh an entry in the background when hit AMOUNT times in the last PCT% of its life
+    /// (CoreDNS's `prefetch AMOUNT [DURATION [PCT]]`, e.g. `1` or `2,1m,20`); 0 turns it off.
+    #[arg(long, value_name = "AMOUNT[,DUR[,PCT]]", default_value = "0", value_parser = parse_prefetch)]
+    pub prefetch: PrefetchFlag,
+
     /// Send every upstream query over TCP, on reused pipelined connections (the addon does this
     /// toward the cluster DNS).
     #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
@@ -212,7 +236,10 @@ pub struct Cli {
 }
 
 /// Flags that a configuration file replaces: given together with `--conf`, an error.
-const FILE_OWNED_FLAGS: [&str; 10] = [
+const FILE_OWNED_FLAGS: [&str; 13] = [
+    "serve_stale",
+    "serve_stale_mode",
+    "prefetch",
     "upstream",
     "forward",
     "min_ttl",
@@ -291,11 +318,11 @@ fn inert_settings(m: &Model) -> Vec<String> {
     let defaults = model::ForwardOptions::default();
     for z in &m.zones {
         let mut what = Vec::new();
-        if z.cache.prefetch.is_some() {
-            what.push("prefetch");
-        }
-        if z.cache.serve_stale.is_some() {
-            what.push("serve_stale");
+        if z.cache
+            .prefetch
+            .is_some_and(|p| p.amount > 1 && p.duration != Duration::from_secs(60))
+        {
+            what.push("prefetch DURATION (hits are counted within the refresh window instead)");
         }
         if z.forward.max_fails != defaults.max_fails
             || z.forward.health_check != defaults.health_check
@@ -354,6 +381,8 @@ pub struct Config {
     pub reload_interval: Duration,
     /// How long nodedns keeps serving after SIGTERM before it drains and stops.
     pub shutdown_grace: Duration,
+    /// `--cache-file` and how often it is written.
+    pub cache_file: Option<(PathBuf, Duration)>,
     /// Settings the file gives that are read and validated but do not change behaviour yet, one
     /// phrase each (logged as warnings at start, so none is silently ignored).
     pub inert: Vec<String>,
@@ -462,6 +491,37 @@ pub fn parse_forward(s: &str) -> Result<ForwardFlag, String> {
         .map(parse_server)
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ForwardFlag { zone, servers })
+}
+
+/// `--prefetch`: off, or CoreDNS's prefetch settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefetchFlag(pub Option<model::Prefetch>);
+
+/// Parses `--prefetch AMOUNT[,DURATION[,PCT]]`; `0` is off.
+pub fn parse_prefetch(s: &str) -> Result<PrefetchFlag, String> {
+    let mut parts = s.split(',').map(str::trim);
+    let bad =
+        || format!("invalid --prefetch {s:?} (use AMOUNT[,DURATION[,PCT]], e.g. 1 or 2,1m,10)");
+    let amount: u32 = parts.next().unwrap_or("").parse().map_err(|_| bad())?;
+    if amount == 0 {
+        return Ok(PrefetchFlag(None));
+    }
+    let duration = match parts.next() {
+        Some(d) => parse_duration(d)?,
+        None => Duration::from_secs(60),
+    };
+    let percent: u8 = match parts.next() {
+        Some(p) => p.trim_end_matches('%').parse().map_err(|_| bad())?,
+        None => 10,
+    };
+    if !(10..=90).contains(&percent) || parts.next().is_some() || amount > 255 {
+        return Err(bad());
+    }
+    Ok(PrefetchFlag(Some(model::Prefetch {
+        amount,
+        duration,
+        percent,
+    })))
 }
 
 /// Checks a `--log-level` value: a level word, or comma-separated `TARGET=LEVEL` directives. An
@@ -580,6 +640,11 @@ impl Cli {
             servfail_ttl: self.servfail_ttl,
             success_capacity: self.cache_size,
             denial_capacity: self.negative_cache_size,
+            serve_stale: (!self.serve_stale.is_zero()).then(|| model::ServeStale {
+                duration: self.serve_stale,
+                verify: self.serve_stale_mode == "verify",
+            }),
+            prefetch: self.prefetch.0,
             ..CachePolicy::FLAGS
         };
         let zone = |name: String, servers: Vec<SocketAddr>, origin: &str| Zone {
@@ -932,6 +997,9 @@ impl Cli {
         if self.sync_interval.is_zero() {
             return bad("--sync-interval must be above zero".into());
         }
+        if self.cache_file_interval < Duration::from_secs(1) {
+            return bad("--cache-file-interval must be at least 1s".into());
+        }
         if self.reload_interval < Duration::from_millis(100) {
             return bad("--reload-interval must be at least 100ms".into());
         }
@@ -943,6 +1011,10 @@ impl Cli {
             reload_interval,
             shutdown_grace,
             inert,
+            cache_file: self
+                .cache_file
+                .clone()
+                .map(|p| (p, self.cache_file_interval)),
             node: NodeOptions {
                 setup_interface: self.setup_interface,
                 interface: self.interface.clone(),

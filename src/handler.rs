@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cache::Cache;
-use crate::wire::{self, CLASS_CH, CLASS_IN, QueryView, Response, TtlPolicy, WireError, rcode};
+use crate::wire::{
+    self, CLASS_CH, CLASS_IN, Freshness, QueryView, Response, TtlPolicy, WireError, rcode,
+};
 
 /// The transport a query came over: UDP replies are limited to what the client can take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,13 +33,18 @@ pub enum Outcome {
     Reply(Answered),
     /// Send nothing (short packet, a response, or garbage without an ID).
     Drop,
-    /// Cache miss: forward upstream, then call [`Handler::complete`].
-    Forward { qtype: u16 },
+    /// Cache miss: forward upstream, then call [`Handler::complete`]. `stale_fallback`: a stale
+    /// entry under serve-stale `verify` exists; if upstream gives nothing usable within
+    /// [`wire::STALE_VERIFY_TIMEOUT`], answer it with [`Handler::answer_stale`].
+    Forward { stale_fallback: bool },
 }
 
 /// What was answered, for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answered {
+    /// A background refresh was claimed for this slot hash (prefetch, or a stale answer): the
+    /// server queues it ([`crate::server::Ctx::queue_refresh`]).
+    pub refresh: Option<u64>,
     pub qtype: u16,
     /// The full 12-bit rcode (BADVERS is 16: its upper bits travel in the OPT record).
     pub rcode: u16,
@@ -46,8 +53,8 @@ pub struct Answered {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
-    /// From the cache; `negative` tells which part.
-    Cache { negative: bool },
+    /// From the cache; `negative` tells which part, `stale` whether past its lifetime (RFC 8767).
+    Cache { negative: bool, stale: bool },
     /// From upstream (a miss that was forwarded).
     Upstream,
     /// Made up here: errors, refusals, health.
@@ -78,6 +85,7 @@ impl Handler {
                 };
                 wire::render_formerr_header(id, flags, out);
                 return Outcome::Reply(Answered {
+                    refresh: None,
                     qtype: 0,
                     rcode: rcode::FORMERR.into(),
                     source: Source::Local,
@@ -88,6 +96,7 @@ impl Handler {
         let local = |rc: u16, out: &mut Vec<u8>| {
             wire::render_error(&view, rc, out);
             Outcome::Reply(Answered {
+                refresh: None,
                 qtype,
                 rcode: rc,
                 source: Source::Local,
@@ -113,15 +122,41 @@ impl Handler {
             // A cache serves no zone transfers, and classes other than IN have no upstream here.
             return local(rcode::REFUSED.into(), out);
         }
-        let hit = self.cache.with_hit(&view.key, now, |response, negative| {
-            wire::render(response, &view, now, limit_for(&view, proto), out);
-            Outcome::Reply(Answered {
-                qtype,
-                rcode: response.rcode.into(),
-                source: Source::Cache { negative },
-            })
-        });
-        hit.unwrap_or(Outcome::Forward { qtype })
+        let hit = self
+            .cache
+            .with_hit(&view.key, now, |response, negative, fresh, slot| {
+                let limit = limit_for(&view, proto);
+                let (stale, refresh) = match fresh {
+                    Freshness::Fresh => {
+                        wire::render(response, &view, now, limit, out);
+                        (false, None)
+                    }
+                    Freshness::RefreshDue => {
+                        wire::render(response, &view, now, limit, out);
+                        let claimed = self.cache.try_begin_refresh(slot, response.prefetch_amount);
+                        (false, claimed.then_some(slot))
+                    }
+                    Freshness::Stale => {
+                        if response.stale_verify && !self.cache.refresh_busy(slot) {
+                            // Ask upstream first; the stale answer is the fallback.
+                            return Outcome::Forward {
+                                stale_fallback: true,
+                            };
+                        }
+                        wire::render_stale(response, &view, limit, out);
+                        (true, self.cache.try_begin_refresh(slot, 1).then_some(slot))
+                    }
+                };
+                Outcome::Reply(Answered {
+                    refresh,
+                    qtype,
+                    rcode: response.rcode.into(),
+                    source: Source::Cache { negative, stale },
+                })
+            });
+        hit.unwrap_or(Outcome::Forward {
+            stale_fallback: false,
+        })
     }
 
     /// Finishes a miss: validates the upstream `reply` to `view`'s query (sent upstream with ID
@@ -152,16 +187,48 @@ impl Handler {
     ) -> Answered {
         wire::render(resp, view, now, limit_for(view, proto), out);
         Answered {
+            refresh: None,
             qtype: view.key.qtype,
             rcode: resp.rcode.into(),
             source: Source::Upstream,
         }
     }
 
+    /// The stale answer for `view` (serve-stale `verify` after upstream failed), if one is still
+    /// servable; claims the failure-recheck hold on its slot (see `Ctx::queue_refresh`).
+    pub fn answer_stale(
+        &self,
+        view: &QueryView<'_>,
+        proto: Proto,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Option<Answered> {
+        self.cache
+            .with_hit(&view.key, now, |response, negative, fresh, slot| {
+                let limit = limit_for(view, proto);
+                if fresh == Freshness::Stale {
+                    wire::render_stale(response, view, limit, out);
+                } else {
+                    // Refreshed meanwhile by another client's query.
+                    wire::render(response, view, now, limit, out);
+                }
+                Answered {
+                    refresh: self.cache.try_begin_refresh(slot, 1).then_some(slot),
+                    qtype: view.key.qtype,
+                    rcode: response.rcode.into(),
+                    source: Source::Cache {
+                        negative,
+                        stale: true,
+                    },
+                }
+            })
+    }
+
     /// The reply when upstream gave nothing usable before the deadline: SERVFAIL, never silence.
     pub fn fail(&self, view: &QueryView<'_>, rc: u8, out: &mut Vec<u8>) -> Answered {
         wire::render_error(view, rc.into(), out);
         Answered {
+            refresh: None,
             qtype: view.key.qtype,
             rcode: rc.into(),
             source: Source::Local,

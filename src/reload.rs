@@ -94,6 +94,9 @@ pub fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
     if old.node != new.node {
         return Some("the interface or firewall settings changed");
     }
+    if old.cache_file != new.cache_file {
+        return Some("the cache file changed");
+    }
     if old.metrics_listen != new.metrics_listen || old.health_listen != new.health_listen {
         return Some("the HTTP endpoint addresses changed");
     }

@@ -114,6 +114,34 @@ pub struct Ctx {
     in_flight: AtomicUsize,
     /// Changed by a reload.
     max_concurrent: AtomicUsize,
+    /// Background refreshes (prefetch, serve-stale), run by [`Ctx::start_refresher`] on the control
+    /// runtime: never on a UDP worker, whose runtime stands still in its blocking phase.
+    refresh_tx: mpsc::Sender<RefreshJob>,
+    refresh_rx: Mutex<Option<mpsc::Receiver<RefreshJob>>>,
+}
+
+/// A background refresh of one cache entry.
+struct RefreshJob {
+    /// The query of the client whose hit claimed it (its key is the entry's).
+    packet: Vec<u8>,
+    /// The slot hash the refresh claim is on ([`crate::cache::Cache::try_begin_refresh`]).
+    slot: u64,
+    /// Upstream just failed for this name (serve-stale `verify`): only hold the claim for the
+    /// failure recheck period, so upstream is not asked again before it.
+    hold_only: bool,
+}
+
+/// Refreshes queued at most; past it a refresh is dropped (best effort, the entry is still served).
+const REFRESH_QUEUE: usize = 1024;
+/// Refreshes in flight at once.
+const REFRESH_CONCURRENCY: usize = 64;
+/// After a failed refresh, upstream is not asked again for that name for this long (RFC 8767 §4's
+/// failure recheck, 30 s).
+const STALE_RECHECK: Duration = Duration::from_secs(30);
+
+/// Whether an upstream reply counts as a failed refresh (it must not replace a servable answer).
+fn is_failure(rcode: u8) -> bool {
+    rcode == rcode::SERVFAIL || rcode == rcode::REFUSED
 }
 
 impl Ctx {
@@ -123,12 +151,15 @@ impl Ctx {
         recorder: Arc<dyn Recorder>,
         max_concurrent: usize,
     ) -> Ctx {
+        let (refresh_tx, refresh_rx) = mpsc::channel(REFRESH_QUEUE);
         Ctx {
             handler,
             upstreams: RwLock::new(Arc::new(upstreams)),
             recorder,
             flights: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
+            refresh_tx,
+            refresh_rx: Mutex::new(Some(refresh_rx)),
             max_concurrent: AtomicUsize::new(max_concurrent.max(1)),
         }
     }
@@ -148,6 +179,66 @@ impl Ctx {
             Ok(mut g) => *g = new,
             Err(p) => *p.into_inner() = new,
         }
+    }
+
+    /// Queues the background refresh a hit claimed (see [`Answered::refresh`]); a full queue drops it
+    /// and releases the claim.
+    pub fn queue_refresh(&self, packet: &[u8], slot: u64) {
+        self.send_refresh(RefreshJob {
+            packet: packet.to_vec(),
+            slot,
+            hold_only: false,
+        });
+    }
+
+    fn send_refresh(&self, job: RefreshJob) {
+        let slot = job.slot;
+        if self.refresh_tx.try_send(job).is_err() {
+            self.handler.cache.end_refresh(slot);
+        }
+    }
+
+    /// Runs queued refreshes on the current runtime (the control runtime) until the process ends.
+    pub fn start_refresher(self: &Arc<Self>) {
+        let Some(mut rx) = self.refresh_rx.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
+        // Weak: the task must not keep the context (and so its own channel) alive.
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let limit = Arc::new(Semaphore::new(REFRESH_CONCURRENCY));
+            while let Some(job) = rx.recv().await {
+                let Some(ctx) = weak.upgrade() else { return };
+                let Ok(permit) = limit.clone().acquire_owned().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    ctx.refresh(job).await;
+                    drop(permit);
+                });
+            }
+        });
+    }
+
+    /// One background refresh: the same flight as a client miss (a client asking meanwhile joins
+    /// it), stored as usual. A failure keeps the claim for [`STALE_RECHECK`], so the stale entry is
+    /// served without asking upstream again until then.
+    async fn refresh(&self, job: RefreshJob) {
+        let ok = !job.hold_only && {
+            let admitted = self.in_flight.fetch_add(1, Ordering::AcqRel)
+                < self.max_concurrent.load(Ordering::Relaxed);
+            let ok = admitted
+                && match wire::scan_query(&job.packet) {
+                    Ok(view) => matches!(self.fetch(&view).await, Ok(r) if !is_failure(r.rcode)),
+                    Err(_) => false,
+                };
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            ok
+        };
+        if !ok {
+            tokio::time::sleep(STALE_RECHECK).await;
+        }
+        self.handler.cache.end_refresh(job.slot);
     }
 
     /// A reload's new `--max-concurrent`.
@@ -175,18 +266,44 @@ impl Ctx {
 
     /// Answers a miss: one upstream exchange per key however many clients ask at once, then the reply
     /// rendered for this client. The caller has reserved a slot with `begin_forward`.
+    ///
+    /// With `stale_fallback` (serve-stale `verify`), upstream gets [`wire::STALE_VERIFY_TIMEOUT`];
+    /// if it fails, times out or says SERVFAIL/REFUSED, the stale entry is the answer, and upstream
+    /// is not asked again for it during the failure recheck period.
     pub async fn resolve_miss(
         &self,
         packet: &[u8],
         proto: Proto,
+        stale_fallback: bool,
         out: &mut Vec<u8>,
     ) -> Option<Answered> {
         let view = wire::scan_query(packet).ok()?;
-        let result = self.fetch(&view).await;
+        let result = if stale_fallback {
+            tokio::time::timeout(wire::STALE_VERIFY_TIMEOUT, self.fetch(&view))
+                .await
+                .unwrap_or(Err(()))
+        } else {
+            self.fetch(&view).await
+        };
         let now = Instant::now();
         Some(match result {
-            Ok(resp) => self.handler.complete(&view, &resp, proto, now, out),
-            Err(()) => self.handler.fail(&view, rcode::SERVFAIL, out),
+            Ok(resp) if !(stale_fallback && is_failure(resp.rcode)) => {
+                self.handler.complete(&view, &resp, proto, now, out)
+            }
+            _ if stale_fallback => match self.handler.answer_stale(&view, proto, now, out) {
+                Some(mut a) => {
+                    if let Some(slot) = a.refresh.take() {
+                        self.send_refresh(RefreshJob {
+                            packet: Vec::new(),
+                            slot,
+                            hold_only: true,
+                        });
+                    }
+                    a
+                }
+                None => self.handler.fail(&view, rcode::SERVFAIL, out),
+            },
+            _ => self.handler.fail(&view, rcode::SERVFAIL, out),
         })
     }
 
@@ -819,11 +936,14 @@ impl Worker {
             match ctx.handler.answer(packet, Proto::Udp, now, out) {
                 Outcome::Reply(a) => {
                     ctx.recorder.answered(worker, Proto::Udp, &a, packet);
+                    if let Some(slot) = a.refresh {
+                        ctx.queue_refresh(packet, slot);
+                    }
                     b.reply_to[replies] = i;
                     replies += 1;
                 }
                 Outcome::Drop => {}
-                Outcome::Forward { .. } => {
+                Outcome::Forward { stale_fallback } => {
                     let Some(peer) = peer_of(&b.addrs[i]) else {
                         continue;
                     };
@@ -844,7 +964,10 @@ impl Worker {
                     self.tasks.spawn_local(async move {
                         let _done = MissGuard(&local);
                         let mut out = Vec::with_capacity(512);
-                        if let Some(a) = ctx.resolve_miss(&packet, Proto::Udp, &mut out).await {
+                        if let Some(a) = ctx
+                            .resolve_miss(&packet, Proto::Udp, stale_fallback, &mut out)
+                            .await
+                        {
                             ctx.recorder.answered(worker, Proto::Udp, &a, &packet);
                             // The socket blocks (for the blocking phase): never wait on a full
                             // buffer.
@@ -977,12 +1100,15 @@ async fn tcp_conn(
         {
             Outcome::Reply(a) => {
                 ctx.recorder.answered(shard, Proto::Tcp, &a, &msg);
+                if let Some(slot) = a.refresh {
+                    ctx.queue_refresh(&msg, slot);
+                }
                 if tx.send(frame(body)).await.is_err() {
                     break;
                 }
             }
             Outcome::Drop => {}
-            Outcome::Forward { .. } => {
+            Outcome::Forward { stale_fallback } => {
                 if !ctx.begin_forward(shard) {
                     if let Ok(v) = wire::scan_query(&msg) {
                         let a = ctx.handler.fail(&v, rcode::REFUSED, &mut body);
@@ -999,7 +1125,10 @@ async fn tcp_conn(
                 };
                 let (ctx, tx) = (ctx.clone(), tx.clone());
                 tokio::spawn(async move {
-                    if let Some(a) = ctx.resolve_miss(&msg, Proto::Tcp, &mut body).await {
+                    if let Some(a) = ctx
+                        .resolve_miss(&msg, Proto::Tcp, stale_fallback, &mut body)
+                        .await
+                    {
                         ctx.recorder.answered(shard, Proto::Tcp, &a, &msg);
                         let _ = tx.send(frame(body)).await;
                     }

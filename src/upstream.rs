@@ -143,6 +143,9 @@ pub fn ttl_policy(c: &CachePolicy) -> TtlPolicy {
         servfail_ttl: c.servfail_ttl,
         positive: c.success,
         negative: c.denial,
+        stale: c.serve_stale.map_or(Duration::ZERO, |s| s.duration),
+        stale_verify: c.serve_stale.is_some_and(|s| s.verify),
+        prefetch: c.prefetch.map(|p| (p.amount, p.percent)),
     }
 }
 
@@ -271,6 +274,24 @@ impl Upstreams {
         }
     }
 
+    /// The store-time policy of the zone that routes `qname` (lowercased wire format).
+    pub fn policy_for(&self, qname: &[u8]) -> Option<TtlPolicy> {
+        self.route(qname).map(|(_, r)| r.store)
+    }
+
+    /// A hash of the zones and their servers: a cache file written under other zones or servers is
+    /// not loaded (its answers came from elsewhere).
+    pub fn fingerprint(&self) -> u64 {
+        let mut zones: Vec<(&Vec<u8>, Vec<SocketAddr>)> = self
+            .routes
+            .iter()
+            .map(|(z, r)| (z, r.servers.iter().map(|&i| self.servers[i]).collect()))
+            .collect();
+        zones.sort();
+        // Stable across processes and builds (std's hashers are seeded or may change).
+        crate::persist::fnv1a(format!("{zones:?}").as_bytes())
+    }
+
     /// Whether a cached response may stay under this generation's policy for its name: its zone
     /// still caches its kind, and its lifetime is within the zone's caps (a lowered cap drops longer
     /// entries; a raised one keeps everything). Names no zone routes any more are dropped.
@@ -279,7 +300,7 @@ impl Upstreams {
             return false;
         };
         let p = &route.store;
-        let secs = r.lifetime.as_secs();
+        let secs = r.lifetime().as_secs();
         match r.kind {
             Kind::Positive => p.positive && secs <= p.max_ttl.as_secs().max(p.min_ttl.as_secs()),
             Kind::Negative => {

@@ -325,6 +325,33 @@ pub fn build_upstream_query(view: &QueryView<'_>, id: u16, out: &mut Vec<u8>) {
     push_opt(out, EDNS_PAYLOAD, 0, view.dnssec_ok());
 }
 
+/// Appends the OPT a query nodedns builds carries ([`EDNS_PAYLOAD`], the DO bit).
+pub fn push_query_opt(out: &mut Vec<u8>, dnssec_ok: bool) {
+    push_opt(out, EDNS_PAYLOAD, 0, dnssec_ok);
+}
+
+/// The offset just past a message's one question (QDCOUNT must be 1, the name uncompressed, as in
+/// every message nodedns stores), or `None`.
+pub fn question_end(msg: &[u8]) -> Option<usize> {
+    if msg.len() < HEADER_LEN || msg[4..6] != [0, 1] {
+        return None;
+    }
+    let mut pos = HEADER_LEN;
+    loop {
+        let l = usize::from(*msg.get(pos)?);
+        if l == 0 {
+            pos += 1;
+            break;
+        }
+        if l > 63 || pos - HEADER_LEN + l + 1 > MAX_NAME_LEN {
+            return None;
+        }
+        pos += 1 + l;
+    }
+    let end = pos + 4;
+    (end <= msg.len()).then_some(end)
+}
+
 /// Appends an OPT pseudo-record (root name, no options).
 fn push_opt(out: &mut Vec<u8>, payload: u16, ext_rcode: u8, dnssec_ok: bool) {
     out.push(0);
@@ -385,6 +412,12 @@ pub struct TtlPolicy {
     pub positive: bool,
     /// Cache NXDOMAIN/NODATA at all.
     pub negative: bool,
+    /// Serve-stale window past the lifetime (zero: off).
+    pub stale: Duration,
+    /// Serve-stale `verify` mode (else `immediate`).
+    pub stale_verify: bool,
+    /// Prefetch: (AMOUNT hits, refresh when less than PCT % of the lifetime is left).
+    pub prefetch: Option<(u32, u8)>,
 }
 
 impl Default for TtlPolicy {
@@ -397,6 +430,9 @@ impl Default for TtlPolicy {
             servfail_ttl: Duration::ZERO,
             positive: true,
             negative: true,
+            stale: Duration::ZERO,
+            stale_verify: false,
+            prefetch: None,
         }
     }
 }
@@ -443,11 +479,38 @@ pub struct Response {
     key_bits: u8,
     key_qtype: u16,
     key_qclass: u16,
-    /// How long this response may be served from cache (zero: do not cache).
-    pub lifetime: Duration,
+    /// Whole seconds this response may be served from cache (zero: do not cache). Seconds in a
+    /// `u32`, not a `Duration`, so the serve-stale and prefetch fields fit in the same 192 bytes.
+    lifetime_s: u32,
+    /// Past its lifetime, seconds it may still be served stale (RFC 8767; zero: never).
+    stale_s: u32,
+    /// Age in seconds from which a hit refreshes it in the background (prefetch); `u32::MAX`:
+    /// never.
+    refresh_s: u32,
+    /// Hits inside the refresh window it takes to refresh (CoreDNS's prefetch AMOUNT).
+    pub prefetch_amount: u8,
+    /// Serve-stale `verify`: a stale hit first asks upstream (up to [`STALE_VERIFY_TIMEOUT`]).
+    pub stale_verify: bool,
     /// When it was stored.
     pub stored: Instant,
 }
+
+/// How a cached response may be served at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Within its lifetime.
+    Fresh,
+    /// Within its lifetime, in the prefetch window: serve it and refresh it in the background.
+    RefreshDue,
+    /// Past its lifetime, within its serve-stale window.
+    Stale,
+}
+
+/// The TTL stale answers carry (RFC 8767 §4 recommends 30 s).
+pub const STALE_TTL: u32 = 30;
+/// How long a `verify` stale hit waits for upstream before the stale answer is used (RFC 8767's
+/// client response timer, 1.8 s).
+pub const STALE_VERIFY_TIMEOUT: Duration = Duration::from_millis(1800);
 
 impl Response {
     /// Validates an upstream reply to `view`'s query sent with ID `sent_id`, strips its OPT, works
@@ -606,9 +669,51 @@ impl Response {
             key_bits: view.key.bits,
             key_qtype: view.key.qtype,
             key_qclass: view.key.qclass,
-            lifetime: Duration::from_secs(u64::from(lifetime_secs)),
+            lifetime_s: lifetime_secs,
+            stale_s: if lifetime_secs > 0 && kind != Kind::ServFail {
+                secs(policy.stale)
+            } else {
+                0
+            },
+            refresh_s: match policy.prefetch {
+                // At most 1 s before expiry (CoreDNS), and never at age 0 on a 1 s entry.
+                Some((_, pct)) if lifetime_secs >= 2 => {
+                    let left =
+                        (u64::from(lifetime_secs) * u64::from(pct.clamp(1, 99)) / 100).max(1);
+                    lifetime_secs.saturating_sub(left as u32).max(1)
+                }
+                _ => u32::MAX,
+            },
+            prefetch_amount: policy
+                .prefetch
+                .map_or(1, |(amount, _)| amount.clamp(1, u8::MAX.into()) as u8),
+            stale_verify: policy.stale_verify,
             stored: now,
         })
+    }
+
+    /// How long this response may be served from cache (zero: do not cache).
+    #[inline]
+    pub fn lifetime(&self) -> Duration {
+        Duration::from_secs(u64::from(self.lifetime_s))
+    }
+
+    /// Whether and how this response may be served at `now`; `None` once past its lifetime and
+    /// any serve-stale window. The hit path's one clock comparison.
+    #[inline]
+    pub fn freshness(&self, now: Instant) -> Option<Freshness> {
+        let age = now.saturating_duration_since(self.stored).as_secs();
+        if age < u64::from(self.lifetime_s) {
+            Some(if age >= u64::from(self.refresh_s) {
+                Freshness::RefreshDue
+            } else {
+                Freshness::Fresh
+            })
+        } else if age < u64::from(self.lifetime_s) + u64::from(self.stale_s) {
+            Some(Freshness::Stale)
+        } else {
+            None
+        }
     }
 
     /// The stored message (no OPT, TTLs lowered to the lifetime).
@@ -636,15 +741,25 @@ impl Response {
             && &self.buf[name_at..] == key.name()
     }
 
+    /// The cache key's flags (bit 0 DO, bit 1 CD) this response was stored under.
+    pub fn key_bits(&self) -> u8 {
+        self.key_bits
+    }
+
     /// The cache key's name (lowercased wire format) this response was stored under.
     pub fn key_name(&self) -> &[u8] {
         let name_at = self.msg_len as usize + 2 * self.n_ttls as usize;
         &self.buf[name_at..]
     }
 
-    /// Whether this response may still be served at `now`.
+    /// Whether this response may still be served at `now` within its lifetime.
     pub fn is_fresh(&self, now: Instant) -> bool {
-        now < self.stored + self.lifetime
+        now < self.stored + self.lifetime()
+    }
+
+    /// Whether it may be served at `now` at all, stale included.
+    pub fn is_servable(&self, now: Instant) -> bool {
+        self.freshness(now).is_some()
     }
 
     /// Memory this response holds, for the cache's byte budget.
@@ -733,6 +848,23 @@ pub fn render(
 ) {
     let age = now.saturating_duration_since(resp.stored).as_secs();
     let age = age.min(u32::MAX as u64) as u32;
+    render_ttls(resp, view, limit, out, |ttl| ttl.saturating_sub(age));
+}
+
+/// [`render`] for a stale answer (RFC 8767 §4): every TTL is [`STALE_TTL`], at most the record's
+/// own stored TTL.
+pub fn render_stale(resp: &Response, view: &QueryView<'_>, limit: usize, out: &mut Vec<u8>) {
+    render_ttls(resp, view, limit, out, |ttl| ttl.min(STALE_TTL));
+}
+
+#[inline(always)]
+fn render_ttls(
+    resp: &Response,
+    view: &QueryView<'_>,
+    limit: usize,
+    out: &mut Vec<u8>,
+    ttl: impl Fn(u32) -> u32,
+) {
     let qend = resp.question_end as usize;
     let opt_len = if view.edns.is_some() { 11 } else { 0 };
     let bytes = resp.bytes();
@@ -757,7 +889,7 @@ pub fn render(
         out.extend_from_slice(bytes);
         out[2..4].copy_from_slice(&flags.to_be_bytes());
         for t in resp.ttl_offsets() {
-            let v = be32(out, t).saturating_sub(age);
+            let v = ttl(be32(out, t));
             out[t..t + 4].copy_from_slice(&v.to_be_bytes());
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 /// A fresh entry for `k` at `now`: `Some(negative)`, or `None` on a miss.
 fn get(c: &Cache, k: &KeyBuf, now: Instant) -> Option<bool> {
-    c.with_hit(k, now, |_, negative| negative)
+    c.with_hit(k, now, |_, negative, _, _| negative)
 }
 
 fn stored(q: &[u8], reply: impl Fn(&[u8]) -> Vec<u8>, now: Instant) -> (KeyBuf, Response) {
@@ -134,4 +134,114 @@ fn bounded_by_entries_and_bytes() {
     let s = c.stats();
     assert!(s.positive_bytes <= 16 * 1024, "{s:?}");
     assert!(s.positive_entries < 200, "{s:?}");
+}
+
+fn stored_with(
+    q: &[u8],
+    reply: impl Fn(&[u8]) -> Vec<u8>,
+    policy: &TtlPolicy,
+    now: Instant,
+) -> (KeyBuf, Response) {
+    let v: QueryView<'_> = scan_query(q).unwrap();
+    let mut up = Vec::new();
+    build_upstream_query(&v, 1, &mut up);
+    let r = Response::from_upstream(&reply(&up), 1, &v, policy, now).unwrap();
+    (v.key, r)
+}
+
+fn state(c: &Cache, k: &KeyBuf, now: Instant) -> Option<(bool, Freshness)> {
+    c.with_hit(k, now, |_, negative, f, _| (negative, f))
+}
+
+#[test]
+fn fresh_then_refresh_due_then_stale_then_gone() {
+    let c = Cache::new(Limits::default());
+    let t = Instant::now();
+    let policy = TtlPolicy {
+        stale: Duration::from_secs(60),
+        prefetch: Some((1, 10)),
+        ..TtlPolicy::default()
+    };
+    let (k, r) = stored_with(
+        &query(1, "a.example.", RecordType::A, None),
+        |u| a_reply(u, &[10]),
+        &policy,
+        t,
+    );
+    assert!(c.insert(&k, r, t));
+    let at = |s: u64| state(&c, &k, t + Duration::from_secs(s)).map(|(_, f)| f);
+    assert_eq!(at(0), Some(Freshness::Fresh));
+    assert_eq!(at(8), Some(Freshness::Fresh));
+    assert_eq!(at(9), Some(Freshness::RefreshDue), "last 10% of 10 s");
+    assert_eq!(at(10), Some(Freshness::Stale));
+    assert_eq!(at(69), Some(Freshness::Stale));
+    assert_eq!(at(70), None, "past the serve-stale window");
+}
+
+#[test]
+fn servfail_never_hides_a_servable_answer_but_nxdomain_does() {
+    let c = Cache::new(Limits::default());
+    let t = Instant::now();
+    let policy = TtlPolicy {
+        stale: Duration::from_secs(60),
+        servfail_ttl: Duration::from_secs(5),
+        ..TtlPolicy::default()
+    };
+    let q = query(1, "a.example.", RecordType::A, None);
+    let (k, pos) = stored_with(&q, |u| a_reply(u, &[10]), &policy, t);
+    c.insert(&k, pos, t);
+    let later = t + Duration::from_secs(15); // stale now
+    let servfail = |u: &[u8]| {
+        let mut m = hickory_proto::op::Message::from_vec(&negative_reply(u, false, None)).unwrap();
+        m.metadata.response_code = hickory_proto::op::ResponseCode::ServFail;
+        m.to_vec().unwrap()
+    };
+    let (_, sf) = stored_with(&q, servfail, &policy, later);
+    assert_eq!(sf.kind, Kind::ServFail);
+    assert!(
+        !c.insert(&k, sf, later),
+        "a SERVFAIL does not replace a stale-but-servable answer"
+    );
+    assert_eq!(state(&c, &k, later), Some((false, Freshness::Stale)));
+    let (_, nx) = stored_with(
+        &q,
+        |u| negative_reply(u, true, Some((30, 30))),
+        &policy,
+        later,
+    );
+    assert!(c.insert(&k, nx, later));
+    assert_eq!(
+        state(&c, &k, later).map(|(neg, _)| neg),
+        Some(true),
+        "a real NXDOMAIN wins over a stale positive"
+    );
+}
+
+#[test]
+fn one_refresh_claim_per_entry() {
+    let c = Cache::new(Limits::default());
+    assert!(c.try_begin_refresh(42, 1));
+    assert!(!c.try_begin_refresh(42, 1), "claimed already");
+    assert!(c.refresh_busy(42));
+    c.end_refresh(42);
+    assert!(!c.refresh_busy(42));
+    // AMOUNT 3: the third hit in the window claims it.
+    assert!(!c.try_begin_refresh(7, 3));
+    assert!(!c.try_begin_refresh(7, 3));
+    assert!(c.try_begin_refresh(7, 3));
+}
+
+#[test]
+fn the_slab_estimate_follows_the_byte_budget_not_the_entry_cap() {
+    // 4 MiB can hold at most 4 MiB / MIN_ENTRY_WEIGHT entries, whatever --cache-size says.
+    assert_eq!(
+        estimated_items(1_000_000, 4 << 20),
+        (4 << 20) / MIN_ENTRY_WEIGHT as usize
+    );
+    assert_eq!(
+        estimated_items(100, 4 << 20),
+        100,
+        "a smaller entry cap wins"
+    );
+    assert_eq!(estimated_items(0, 0), 1);
 }

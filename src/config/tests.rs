@@ -241,3 +241,44 @@ fn lameduck_sets_the_shutdown_grace() {
     let c = conf(file("health 169.254.20.10:8080"), &[]).expect("config");
     assert_eq!(c.shutdown_grace, Duration::from_secs(5), "the default");
 }
+
+#[test]
+fn serve_stale_and_prefetch_flags_reach_every_flag_zone() {
+    let c = cli(&[
+        "--upstream",
+        "127.0.0.1",
+        "--prefetch",
+        "2,1m,20",
+        "--serve-stale",
+        "1h",
+        "--serve-stale-mode",
+        "verify",
+    ])
+    .unwrap()
+    .into_config(no_env)
+    .unwrap();
+    let z = &c.zones[0].cache;
+    assert_eq!(
+        z.prefetch,
+        Some(model::Prefetch {
+            amount: 2,
+            duration: Duration::from_secs(60),
+            percent: 20
+        })
+    );
+    assert_eq!(
+        z.serve_stale,
+        Some(model::ServeStale {
+            duration: Duration::from_secs(3600),
+            verify: true
+        })
+    );
+    let off = cli(&["--upstream", "127.0.0.1"])
+        .unwrap()
+        .into_config(no_env)
+        .unwrap();
+    assert_eq!(off.zones[0].cache.prefetch, None);
+    assert_eq!(off.zones[0].cache.serve_stale, None);
+    assert!(cli(&["--prefetch", "1,1m,5"]).is_err(), "PCT is 10-90");
+    assert!(cli(&["--serve-stale-mode", "sometimes"]).is_err());
+}

@@ -18,7 +18,9 @@ fn miss_then_store_then_hit() {
     let mut out = Vec::new();
     assert_eq!(
         h.answer(&q, Proto::Udp, t, &mut out),
-        Outcome::Forward { qtype: 1 }
+        Outcome::Forward {
+            stale_fallback: false
+        }
     );
     let v = scan_query(&q).unwrap();
     let mut up = Vec::new();
@@ -30,7 +32,13 @@ fn miss_then_store_then_hit() {
     assert_eq!(a.source, Source::Upstream);
     let q2 = query(11, "SVC.ns.svc.cluster.local.", RecordType::A, None);
     match h.answer(&q2, Proto::Udp, t + Duration::from_secs(5), &mut out) {
-        Outcome::Reply(a) => assert_eq!(a.source, Source::Cache { negative: false }),
+        Outcome::Reply(a) => assert_eq!(
+            a.source,
+            Source::Cache {
+                negative: false,
+                stale: false
+            }
+        ),
         o => panic!("expected a hit, got {o:?}"),
     }
     let m = Message::from_vec(&out).unwrap();

@@ -168,7 +168,7 @@ fn render_echoes_id_and_case_and_ages_ttls() {
     let up = a_reply(&build_q(&v1, 999), &[20, 25]);
     let resp = Response::from_upstream(&up, 999, &v1, &policy(), t).unwrap();
     assert_eq!(resp.kind, Kind::Positive);
-    assert_eq!(resp.lifetime, Duration::from_secs(20));
+    assert_eq!(resp.lifetime(), Duration::from_secs(20));
 
     let q2 = query(4242, "SVC.ns.Svc.cluster.LOCAL.", RecordType::A, None);
     let v2 = scan_query(&q2).unwrap();
@@ -302,7 +302,7 @@ fn negative_ttl_is_min_of_soa_ttl_minimum_and_cap() {
     )
     .unwrap();
     assert_eq!((r.kind, r.rcode), (Kind::Negative, rcode::NXDOMAIN));
-    assert_eq!(r.lifetime, Duration::from_secs(60));
+    assert_eq!(r.lifetime(), Duration::from_secs(60));
     let r = Response::from_upstream(
         &negative_reply(&build_q(&v, 9), true, Some((30, 60))),
         9,
@@ -311,7 +311,7 @@ fn negative_ttl_is_min_of_soa_ttl_minimum_and_cap() {
         t,
     )
     .unwrap();
-    assert_eq!(r.lifetime, Duration::from_secs(30));
+    assert_eq!(r.lifetime(), Duration::from_secs(30));
     // Capped by --max-negative-ttl, and the SOA served carries the negative TTL.
     let r = Response::from_upstream(
         &negative_reply(&build_q(&v, 9), true, Some((300, 60))),
@@ -321,7 +321,7 @@ fn negative_ttl_is_min_of_soa_ttl_minimum_and_cap() {
         t,
     )
     .unwrap();
-    assert_eq!(r.lifetime, Duration::from_secs(5));
+    assert_eq!(r.lifetime(), Duration::from_secs(5));
     let mut out = Vec::new();
     render(&r, &v, t + Duration::from_secs(2), 512, &mut out);
     assert_eq!(ttls_of(&out), vec![3]);
@@ -343,7 +343,7 @@ fn negative_ttl_is_min_of_soa_ttl_minimum_and_cap() {
         t,
     )
     .unwrap();
-    assert_eq!(r.lifetime, Duration::ZERO);
+    assert_eq!(r.lifetime(), Duration::ZERO);
 }
 
 #[test]
@@ -357,9 +357,9 @@ fn positive_ttl_clamped_to_min_and_max() {
         ..policy()
     };
     let r = Response::from_upstream(&a_reply(&build_q(&v, 1), &[3600]), 1, &v, &p, t).unwrap();
-    assert_eq!(r.lifetime, Duration::from_secs(30));
+    assert_eq!(r.lifetime(), Duration::from_secs(30));
     let r = Response::from_upstream(&a_reply(&build_q(&v, 1), &[2]), 1, &v, &p, t).unwrap();
-    assert_eq!(r.lifetime, Duration::from_secs(10));
+    assert_eq!(r.lifetime(), Duration::from_secs(10));
     // The record's own TTL is never raised.
     let mut out = Vec::new();
     render(&r, &v, t, 512, &mut out);
@@ -374,13 +374,13 @@ fn servfail_truncated_and_refused_kinds() {
     let mut m = reply_to(&build_q(&v, 1));
     m.metadata.response_code = ResponseCode::ServFail;
     let r = Response::from_upstream(&m.to_vec().unwrap(), 1, &v, &policy(), t).unwrap();
-    assert_eq!((r.kind, r.lifetime), (Kind::ServFail, Duration::ZERO));
+    assert_eq!((r.kind, r.lifetime()), (Kind::ServFail, Duration::ZERO));
     let p = TtlPolicy {
         servfail_ttl: Duration::from_secs(2),
         ..policy()
     };
     let r = Response::from_upstream(&m.to_vec().unwrap(), 1, &v, &p, t).unwrap();
-    assert_eq!(r.lifetime, Duration::from_secs(2));
+    assert_eq!(r.lifetime(), Duration::from_secs(2));
     m.metadata.response_code = ResponseCode::Refused;
     let r = Response::from_upstream(&m.to_vec().unwrap(), 1, &v, &policy(), t).unwrap();
     assert_eq!(r.kind, Kind::Uncacheable);

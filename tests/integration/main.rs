@@ -16,3 +16,5 @@ mod lifecycle;
 mod metrics_e2e;
 mod netns_e2e;
 mod robustness;
+mod stale_e2e;
+mod warm_e2e;

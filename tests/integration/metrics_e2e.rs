@@ -40,7 +40,7 @@ pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// The value of the sample whose name and labels are exactly `series`.
-fn sample(body: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(body: &str, series: &str) -> Option<f64> {
     body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         l.strip_prefix(series)?
             .strip_prefix(' ')?

@@ -1,0 +1,123 @@
+//! Warm restart end to end: `--cache-file` written at stop and read at start by the real binary.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hickory_proto::rr::RecordType;
+use nix::sys::signal::Signal;
+
+use crate::fake_upstream::FakeUpstream;
+use crate::harness::{Nodedns, a_addrs, query_udp_retry, wait_until};
+
+const NAMES: [&str; 3] = [
+    "web.default.svc.cluster.local",
+    "db.default.svc.cluster.local",
+    "example.com",
+];
+
+fn file(label: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{label}-{}.cache", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+async fn fill_and_stop(up: &FakeUpstream, path: &Path, extra: &[&str]) {
+    let mut args = vec!["--cache-file", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut node = Nodedns::with_upstream(up, &args).await;
+    for n in NAMES {
+        let r = query_udp_retry(node.addr, &format!("{n}."), RecordType::A).await;
+        assert_eq!(a_addrs(&r).len(), 1);
+    }
+    node.signal(Signal::SIGTERM);
+    let st = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(10)));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "{st:?}: {}",
+        node.stderr_text()
+    );
+    assert!(path.exists(), "written at stop");
+}
+
+async fn upstream_with_names() -> FakeUpstream {
+    let up = FakeUpstream::start().await;
+    for (i, n) in NAMES.iter().enumerate() {
+        up.set_a(n, Ipv4Addr::new(10, 0, 0, i as u8 + 1), 300);
+    }
+    up
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_names_survive_a_restart_without_upstream_queries() {
+    let up = upstream_with_names().await;
+    let path = file("warm");
+    fill_and_stop(&up, &path, &[]).await;
+    assert_eq!(up.queries(NAMES[0]), 1);
+
+    let node = Nodedns::with_upstream(&up, &["--cache-file", path.to_str().unwrap()]).await;
+    // The file is read in the background once the listeners answer.
+    let loaded = wait_until(Duration::from_secs(5), || {
+        node.stderr_text().contains("warm start")
+    })
+    .await;
+    assert!(loaded, "{}", node.stderr_text());
+    for (i, n) in NAMES.iter().enumerate() {
+        let r = query_udp_retry(node.addr, &format!("{n}."), RecordType::A).await;
+        assert_eq!(a_addrs(&r), vec![Ipv4Addr::new(10, 0, 0, i as u8 + 1)]);
+        assert_eq!(up.queries(n), 1, "{n} answered from the file, not upstream");
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_or_foreign_cache_files_mean_one_warning_and_a_cold_start() {
+    let up = upstream_with_names().await;
+    let path = file("bad");
+    fill_and_stop(&up, &path, &[]).await;
+    let good = std::fs::read(&path).unwrap();
+    let other_up = FakeUpstream::start().await;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", good[..good.len() / 2].to_vec()),
+        (
+            "random",
+            (0..good.len()).map(|i| (i * 37 % 251) as u8).collect(),
+        ),
+        ("other-config", good.clone()),
+    ];
+    for (what, bytes) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        // "other-config": the same file read by a nodedns forwarding `.` elsewhere.
+        let server = if what == "other-config" {
+            &other_up
+        } else {
+            &up
+        };
+        for n in NAMES {
+            server.set_a(n, Ipv4Addr::new(10, 0, 0, 9), 300);
+        }
+        let before = server.queries(NAMES[0]);
+        let node = Nodedns::with_upstream(server, &["--cache-file", path.to_str().unwrap()]).await;
+        let warned = wait_until(Duration::from_secs(5), || {
+            node.stderr_text().contains("cache file ignored")
+        })
+        .await;
+        assert!(warned, "{what}: {}", node.stderr_text());
+        let warnings = node
+            .stderr_text()
+            .lines()
+            .filter(|l| l.contains("cache file ignored"))
+            .count();
+        assert_eq!(warnings, 1, "{what}: one warning");
+        let r = query_udp_retry(node.addr, &format!("{}.", NAMES[0]), RecordType::A).await;
+        assert_eq!(a_addrs(&r).len(), 1);
+        assert_eq!(
+            server.queries(NAMES[0]),
+            before + 1,
+            "{what}: a cold start asks upstream"
+        );
+        drop(node);
+    }
+    let _ = std::fs::remove_file(&path);
+}
