@@ -55,6 +55,8 @@ pub struct AdminState {
     listeners_bound: AtomicBool,
     setup_done: AtomicBool,
     upstream_reachable: AtomicBool,
+    /// Set at SIGTERM: `/ready` says 503 "draining" from then on while DNS is still served.
+    draining: AtomicBool,
 }
 
 impl AdminState {
@@ -69,6 +71,7 @@ impl AdminState {
             listeners_bound: AtomicBool::new(false),
             setup_done: AtomicBool::new(false),
             upstream_reachable: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -100,17 +103,28 @@ impl AdminState {
         self.upstream_reachable.store(v, Ordering::Relaxed);
     }
 
-    /// Names of the readiness conditions not yet met; empty means ready.
+    /// Set at SIGTERM (the lameduck/grace period starts): never cleared.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Names of the readiness conditions not yet met; empty means ready. While draining the
+    /// first is "draining".
     pub fn missing_readiness(&self) -> Vec<&'static str> {
-        [
-            ("listeners_bound", &self.listeners_bound),
-            ("setup_done", &self.setup_done),
-            ("upstream_reachable", &self.upstream_reachable),
-        ]
-        .into_iter()
-        .filter(|(_, flag)| !flag.load(Ordering::Relaxed))
-        .map(|(name, _)| name)
-        .collect()
+        let draining = self.draining.load(Ordering::Relaxed).then_some("draining");
+        draining
+            .into_iter()
+            .chain(
+                [
+                    ("listeners_bound", &self.listeners_bound),
+                    ("setup_done", &self.setup_done),
+                    ("upstream_reachable", &self.upstream_reachable),
+                ]
+                .into_iter()
+                .filter(|(_, flag)| !flag.load(Ordering::Relaxed))
+                .map(|(name, _)| name),
+            )
+            .collect()
     }
 }
 
@@ -329,6 +343,21 @@ pub enum ProbeError {
 /// any kind proves the listener loop is alive. Replies with other IDs are ignored, so a
 /// late reply to an earlier probe cannot make a wedged listener look healthy.
 pub async fn probe_dns(target: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
+    probe(target, timeout, is_probe_reply).await
+}
+
+/// Whether a nodedns answers the health query at `target` within `timeout`: a reply with
+/// NOERROR, which only nodedns gives (a cluster DNS reached through kube-proxy's DNAT refuses a
+/// CHAOS name it does not serve). Used at start and at exit to find a peer instance.
+pub async fn probe_nodedns(target: SocketAddr, timeout: Duration) -> bool {
+    probe(target, timeout, is_peer_reply).await.is_ok()
+}
+
+async fn probe(
+    target: SocketAddr,
+    timeout: Duration,
+    accept: fn(&[u8], u16) -> bool,
+) -> Result<(), ProbeError> {
     let target = loopback_if_unspecified(target);
     let local: SocketAddr = match target.ip() {
         IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -344,7 +373,7 @@ pub async fn probe_dns(target: SocketAddr, timeout: Duration) -> Result<(), Prob
     tokio::time::timeout(timeout, async {
         loop {
             let n = sock.recv(&mut buf).await?;
-            if is_probe_reply(buf.get(..n).unwrap_or(&[]), id) {
+            if accept(buf.get(..n).unwrap_or(&[]), id) {
                 return Ok(());
             }
         }
@@ -378,6 +407,11 @@ fn probe_query(id: u16) -> Vec<u8> {
     q.extend_from_slice(&PROBE_QTYPE.to_be_bytes());
     q.extend_from_slice(&PROBE_QCLASS.to_be_bytes());
     q
+}
+
+/// A probe reply with rcode NOERROR (see [`probe_nodedns`]).
+fn is_peer_reply(msg: &[u8], id: u16) -> bool {
+    is_probe_reply(msg, id) && msg.get(3).is_some_and(|f| f & 0x0f == 0)
 }
 
 fn is_probe_reply(msg: &[u8], id: u16) -> bool {
@@ -441,6 +475,28 @@ mod tests {
         );
         let a: SocketAddr = "169.254.20.10:53".parse().expect("addr");
         assert_eq!(loopback_if_unspecified(a), a);
+    }
+
+    #[test]
+    fn draining_is_not_ready_whatever_else_holds() {
+        let s = AdminState::new(Arc::new(Metrics::new(&[], 1)), None);
+        s.set_listeners_bound(true);
+        s.set_setup_done(true);
+        s.set_upstream_reachable(true);
+        assert!(s.missing_readiness().is_empty());
+        s.set_draining();
+        assert_eq!(s.missing_readiness(), ["draining"]);
+    }
+
+    #[test]
+    fn peer_replies_need_noerror() {
+        let mut r = probe_query(9);
+        r[2] |= 0x80;
+        let noerror = r.clone();
+        r[3] |= 5; // REFUSED, as a cluster DNS reached through the DNAT answers
+        assert!(is_peer_reply(&noerror, 9));
+        assert!(!is_peer_reply(&noerror, 8));
+        assert!(is_probe_reply(&r, 9) && !is_peer_reply(&r, 9));
     }
 
     #[test]

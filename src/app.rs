@@ -189,6 +189,13 @@ pub async fn run(
             .unwrap_or_default()
     });
 
+    // Another nodedns already serving here (a surge pod during a rolling update): we bind beside
+    // it (SO_REUSEPORT) and adopt its link and rules, and whichever exits last tears them down.
+    let peers = crate::node::serving_peers(&config.listen).await;
+    if !peers.is_empty() {
+        tracing::info!(addrs = ?peers, "handover: another nodedns serves these addresses; sharing them");
+    }
+
     // The link and its addresses first: the listeners bind to them.
     let mut node = Node::setup_interface(
         &config.node,
@@ -200,8 +207,8 @@ pub async fn run(
     let listeners = match Listeners::start(ctx.clone(), &config.server) {
         Ok(l) => l,
         Err(e) => {
-            // Leave the node as we found it.
-            node.teardown().await;
+            // Leave the node as we found it (or to the peer that was already serving).
+            node.teardown_unless_peer(&config.listen).await;
             return Err(e.into());
         }
     };
@@ -221,8 +228,9 @@ pub async fn run(
             Ok(l) => admin_listeners.push((addr, l)),
             Err(e) => {
                 // Leave the node as we found it: no addresses without a running nodedns.
-                node.teardown().await;
-                listeners.shutdown().await;
+                // Our sockets first: the peer check must not find them.
+                listeners.shutdown(Duration::ZERO).await;
+                node.teardown_unless_peer(&config.listen).await;
                 return Err(anyhow::anyhow!("cannot bind the HTTP endpoint {addr}: {e}"));
             }
         }
@@ -250,6 +258,8 @@ pub async fn run(
     let prober = tokio::spawn(async move {
         loop {
             if probe_state.missing_readiness().is_empty() {
+                // Client traffic got an answer first (as for a surge pod beside a live peer).
+                tracing::info!("an upstream answered; ready (client traffic)");
                 return;
             }
             if probe_ctx.upstreams().probe(Duration::from_secs(1)).await {
@@ -302,6 +312,15 @@ pub async fn run(
     });
 
     shutdown.await;
+    // Lameduck: `/ready` says 503 at once, so a rollout or a load balancer sees it, while DNS is
+    // served as before (a surge peer may still be starting).
+    admin_state.set_draining();
+    let grace = config.shutdown_grace;
+    tracing::info!(
+        ?grace,
+        "stop requested: draining (/ready reports 503), serving meanwhile"
+    );
+    tokio::time::sleep(grace).await;
     tracing::info!("shutting down");
     if let Some(r) = reloader {
         r.abort();
@@ -315,9 +334,12 @@ pub async fn run(
     // Let a reconcile pass in progress finish (it may be adding rules in a blocking task that an
     // abort would not stop), so teardown is the last word.
     let _ = reconciler.await;
-    // Rules, then addresses and link, then the sockets (they still answer what arrives meanwhile).
-    node.lock().await.teardown().await;
-    listeners.shutdown().await;
+    // The sockets first: each answers what it has already received and closes. Then a peer still
+    // answering proves it serves the addresses, and the node state is left to it; without one,
+    // rules, then addresses and link, go. (With the socket-match rules, traffic to a ClusterIP
+    // falls through to kube-proxy's DNAT the moment the last socket closes.)
+    listeners.shutdown(config.upstream.deadline).await;
+    node.lock().await.teardown_unless_peer(&config.listen).await;
     for t in admin_tasks {
         let _ = t.await;
     }

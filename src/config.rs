@@ -199,6 +199,11 @@ pub struct Cli {
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
     pub sync_interval: Duration,
 
+    /// After SIGTERM keep serving this long with /ready at 503 ("draining"), then drain the
+    /// sockets and stop (CoreDNS's `health { lameduck }`, which a file's `health` block sets).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
     /// Leave the link, addresses and rules in place at exit (for two instances side by side).
     #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
     pub skip_teardown: bool,
@@ -345,9 +350,6 @@ fn inert_settings(m: &Model) -> Vec<String> {
                 .into(),
         );
     }
-    if m.health.is_some_and(|h| !h.lameduck.is_zero()) {
-        out.push("health lameduck: SIGTERM stops at once".into());
-    }
     out
 }
 
@@ -377,6 +379,8 @@ pub struct Config {
     pub inputs: Vec<PathBuf>,
     /// How often `inputs` are checked for a change.
     pub reload_interval: Duration,
+    /// How long nodedns keeps serving after SIGTERM before it drains and stops.
+    pub shutdown_grace: Duration,
     /// `--cache-file` and how often it is written.
     pub cache_file: Option<(PathBuf, Duration)>,
     /// Settings the file gives that are read and validated but do not change behaviour yet, one
@@ -855,6 +859,7 @@ impl Cli {
         };
         let mut log_queries = self.log_queries;
         let mut reload_interval = self.reload_interval;
+        let mut shutdown_grace = self.shutdown_grace;
         let mut inputs = Vec::new();
         let mut inert = Vec::new();
         let zones = match file {
@@ -918,6 +923,15 @@ impl Cli {
                     && !self.given("health_listen")
                 {
                     health_listen = Some(h.addr);
+                }
+                // `health { lameduck D }` is the file's grace; an explicit flag wins, as above. A
+                // `health` without lameduck keeps the flag's default: the addon's Corefile has no
+                // lameduck, and a rollout should still drain.
+                if let Some(h) = m.health
+                    && !h.lameduck.is_zero()
+                    && !self.given("shutdown_grace")
+                {
+                    shutdown_grace = h.lameduck;
                 }
                 if let Some(a) = m.metrics
                     && !self.given("metrics_listen")
@@ -995,6 +1009,7 @@ impl Cli {
             log_queries,
             inputs,
             reload_interval,
+            shutdown_grace,
             inert,
             cache_file: self
                 .cache_file

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::config::NodeOptions;
-use crate::firewall::{Backend, Firewall, FirewallError, Rules};
+use crate::firewall::{Backend, Firewall, FirewallError, Intercept, Rules};
 use crate::metrics::{Metrics, SetupErrorKind};
 use crate::netif::{self, Netif, NetifConfig, NetifError};
 
@@ -46,6 +46,30 @@ pub fn local_ips(listen: &[SocketAddr]) -> Vec<IpAddr> {
         }
     }
     ips
+}
+
+/// How long a peer has to answer the health query. It answers from memory in microseconds; a
+/// missing one answers with ICMP port unreachable at once, so this only bounds a lost datagram.
+pub const PEER_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// The listen addresses another nodedns answers on: each local listen address (a wildcard has no
+/// node state, and an address that is not local is not probed, since the probe would leave the
+/// node) gets the CHAOS health query. Called before binding (a handover) and after this process
+/// closed its own sockets (then any answer is a peer's).
+pub async fn serving_peers(listen: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut found = Vec::new();
+    for &a in listen {
+        if a.ip().is_unspecified() || found.contains(&a) {
+            continue;
+        }
+        if !netif::is_local(a.ip()).unwrap_or(false) {
+            continue;
+        }
+        if crate::admin::probe_nodedns(a, PEER_PROBE_TIMEOUT).await {
+            found.push(a);
+        }
+    }
+    found
 }
 
 fn firewall_metric(e: &FirewallError) -> SetupErrorKind {
@@ -107,14 +131,35 @@ impl Node {
             None if !on_link.is_empty() => Backend::Iptables,
             None => Backend::None,
         };
-        let firewall = (backend != Backend::None).then(|| {
+        let firewall = if backend == Backend::None {
+            None
+        } else {
             // Rules for the IPs on nodedns's link; with an explicit backend and nothing on the link,
             // for every listen IP.
             let ruled = if on_link.is_empty() { &ips } else { &on_link };
-            let rules = plan_rules(listen, ruled, health);
-            tracing::info!(%backend, addrs = ?rules.addrs, "packet filter rules will skip conntrack for DNS");
-            Firewall::new(backend, rules)
-        });
+            let mut rules = plan_rules(listen, ruled, health);
+            let probe = rules.clone();
+            match tokio::task::spawn_blocking(move || {
+                Firewall::socket_match_supported(backend, &probe)
+            })
+            .await
+            {
+                Ok(Ok(())) => tracing::info!(
+                    "queries skip conntrack only while a nodedns socket is bound (socket match): \
+                     a dead nodedns fails open to kube-proxy's DNAT"
+                ),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "no socket match in this kernel: queries to the listen IPs skip conntrack even when nodedns is down (no fail-open to a ClusterIP's endpoints)");
+                    rules.intercept = Intercept::Always;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "socket match check; intercepting unconditionally");
+                    rules.intercept = Intercept::Always;
+                }
+            }
+            tracing::info!(%backend, addrs = ?rules.addrs, intercept = ?rules.intercept, "packet filter rules will skip conntrack for DNS");
+            Some(Firewall::new(backend, rules))
+        };
         Ok(Node {
             netif,
             firewall,
@@ -186,6 +231,26 @@ impl Node {
         ok
     }
 
+    /// At exit, after this process's sockets are closed: when another nodedns still answers on
+    /// a listen address, leaves link, addresses and rules to it (it adopts them: the link carries
+    /// the nodedns alias, and its reconcile keeps addresses and rules); otherwise [`teardown`].
+    /// The last instance to exit tears down.
+    ///
+    /// [`teardown`]: Node::teardown
+    pub async fn teardown_unless_peer(&mut self, listen: &[SocketAddr]) {
+        if self.skip_teardown || (self.netif.is_none() && self.firewall.is_none()) {
+            return self.teardown().await;
+        }
+        let peers = serving_peers(listen).await;
+        if peers.is_empty() {
+            return self.teardown().await;
+        }
+        tracing::info!(
+            peer_serves = ?peers,
+            "another nodedns serves these addresses: leaving link, addresses and rules to it"
+        );
+    }
+
     /// Removes the rules, then the addresses and link, that nodedns created; nothing with
     /// `--skip-teardown`.
     pub async fn teardown(&mut self) {
@@ -226,7 +291,11 @@ fn plan_rules(listen: &[SocketAddr], ruled: &[IpAddr], health: Option<SocketAddr
     let health_port = health
         .filter(|h| ruled.contains(&h.ip()) || h.ip().is_unspecified())
         .map(|h| h.port());
-    Rules { addrs, health_port }
+    Rules {
+        addrs,
+        health_port,
+        intercept: Intercept::default(),
+    }
 }
 
 #[cfg(test)]

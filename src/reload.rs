@@ -100,6 +100,10 @@ pub fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
     if old.metrics_listen != new.metrics_listen || old.health_listen != new.health_listen {
         return Some("the HTTP endpoint addresses changed");
     }
+    if old.shutdown_grace != new.shutdown_grace {
+        // Read once, at SIGTERM, from the configuration the process started with.
+        return Some("the shutdown grace (health lameduck) changed");
+    }
     let (o, n) = (&old.server, &new.server);
     if o.workers != n.workers
         || o.max_tcp_connections != n.max_tcp_connections

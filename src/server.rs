@@ -21,7 +21,7 @@ use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -382,6 +382,12 @@ pub struct Listeners {
     udp_socks: Vec<Arc<StdUdpSocket>>,
     tcp_stop: watch::Sender<bool>,
     tcp_tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// One permit per open client TCP connection: `shutdown` takes them all back to know every
+    /// connection has finished.
+    tcp_limit: Arc<Semaphore>,
+    tcp_permits: u32,
+    /// When the UDP workers stop reading their queues (set by `shutdown` before it says stop).
+    drain_until: Arc<OnceLock<Instant>>,
 }
 
 impl Listeners {
@@ -415,6 +421,7 @@ impl Listeners {
             bound.push(local);
         }
         let (tcp_stop, stop_rx) = watch::channel(false);
+        let drain_until: Arc<OnceLock<Instant>> = Arc::default();
         // Every runtime first, so a failure leaves no thread behind.
         let runtimes = udp
             .iter()
@@ -428,15 +435,16 @@ impl Listeners {
         let udp_socks = udp.clone();
         let mut udp_threads = Vec::new();
         for (i, (sock, wrt)) in udp.into_iter().zip(runtimes).enumerate() {
-            let (ctx, stop) = (ctx.clone(), stop_rx.clone());
+            let (ctx, stop, until) = (ctx.clone(), stop_rx.clone(), drain_until.clone());
             let worker = i % opts.workers.max(1);
             let t = std::thread::Builder::new()
                 .name(format!("udp-{i}"))
-                .spawn(move || udp_worker(sock, ctx, stop, worker, wrt))
+                .spawn(move || udp_worker(sock, ctx, stop, until, worker, wrt))
                 .map_err(ServerError::Worker)?;
             udp_threads.push(t);
         }
-        let limit = Arc::new(Semaphore::new(opts.max_tcp_connections.max(1)));
+        let tcp_permits = u32::try_from(opts.max_tcp_connections.max(1)).unwrap_or(u32::MAX >> 4);
+        let limit = Arc::new(Semaphore::new(tcp_permits as usize));
         // Registered with the runtime here, so a failure is a start error, not a log line in a task
         // while `/ready` says the listeners are bound.
         let tcp = {
@@ -469,22 +477,62 @@ impl Listeners {
             udp_socks,
             tcp_stop,
             tcp_tasks,
+            tcp_limit: limit,
+            tcp_permits,
+            drain_until,
         })
     }
 
-    /// Stops accepting and reading; in-flight upstream exchanges finish (UDP ones on their worker's
-    /// thread, which ends after them).
-    pub async fn shutdown(self) {
+    /// Stops serving without losing what was already received, then closes every socket:
+    ///
+    /// - TCP: the listeners close (connections still in their accept queues are reset, or with
+    ///   `net.ipv4.tcp_migrate_req=1` move to a peer's listener); each connection answers the
+    ///   frames already in its buffer, reads nothing more, finishes its queries in flight and closes.
+    /// - UDP: each worker answers what is queued on its socket (reading with `MSG_DONTWAIT` until
+    ///   `EAGAIN`), lets its misses finish, looks again, and closes once a look finds the queue
+    ///   empty with no miss in flight, or when `drain` has passed (then it reads no more and only
+    ///   lets the misses finish).
+    ///
+    /// Returns after every socket is closed: each miss is bounded by the upstream deadline, so
+    /// within `drain` plus that deadline.
+    pub async fn shutdown(self, drain: Duration) {
+        let _ = self.drain_until.set(Instant::now() + drain);
         let _ = self.tcp_stop.send(true);
         for s in &self.udp_socks {
+            // Out of the reuseport group first: a connected UDP socket is skipped when the kernel
+            // picks a group member for a datagram, and matches only its peer (itself, which
+            // never sends here). From now on a peer's sockets get every new query (or, with no
+            // peer, a closed port answers at once, and the socket match no longer sees a
+            // listener, so a ClusterIP falls through to kube-proxy's DNAT); what is already
+            // queued stays readable and is drained. Without this, whatever the kernel hashed
+            // here between the drain's last look and the close was lost. Not for a wildcard
+            // address: connecting would fix the source address of its replies.
+            if let Ok(local) = s.local_addr()
+                && !local.ip().is_unspecified()
+                && let Err(e) = s.connect(local)
+            {
+                tracing::debug!(%local, error = %e, "udp drain: cannot leave the reuseport group");
+            }
             // Wakes a worker blocked in `recvmmsg` (it returns at once from now on), which then sees
-            // the stop. On an unconnected UDP socket Linux reports ENOTCONN but does shut the read
-            // side, so the result is ignored.
+            // the stop. Datagrams already queued stay readable, which the drain relies on. On an
+            // unconnected UDP socket Linux reports ENOTCONN but does shut the read side, so the
+            // result is ignored.
             let _ = SockRef::from(&**s).shutdown(std::net::Shutdown::Read);
         }
+        // The workers close their sockets themselves, the moment their drain ends: no reference
+        // may stay here (a socket held open keeps receiving its share of a peer's traffic, lost
+        // at close).
+        drop(self.udp_socks);
         for t in self.tcp_tasks {
             let _ = t.await;
         }
+        // Every connection holds a permit until it has closed; bounded, so a client that never
+        // reads its answers cannot hold the exit.
+        let _ = tokio::time::timeout(
+            drain + Duration::from_secs(1),
+            self.tcp_limit.acquire_many(self.tcp_permits),
+        )
+        .await;
         let threads = self.udp_threads;
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -690,11 +738,13 @@ struct Local {
 ///   progress; it hands back as soon as the last miss has finished.
 ///
 /// `stop` ends it: `Listeners::shutdown` also shuts the socket's read side, which wakes a blocked
-/// `recvmmsg`. Misses still in flight then finish (each is bounded by the upstream deadline).
+/// `recvmmsg`. It then drains (see [`Worker::drain`]) until `drain_until`, lets the misses still in
+/// flight finish (each is bounded by the upstream deadline) and closes the socket.
 fn udp_worker(
     sock: Arc<StdUdpSocket>,
     ctx: Arc<Ctx>,
     mut stop: watch::Receiver<bool>,
+    drain_until: Arc<OnceLock<Instant>>,
     worker: usize,
     rt: tokio::runtime::Runtime,
 ) {
@@ -743,8 +793,21 @@ fn udp_worker(
         };
         w.serve_batch(&mut b, n);
     }
-    // Let the misses in flight finish.
-    rt.block_on(w.tasks);
+    // `shutdown` sets the deadline before it says stop; a dropped sender has none: no drain.
+    // Reading ends halfway to it, so that a miss read last still has half the budget to finish.
+    let until = drain_until.get().copied().unwrap_or_else(Instant::now);
+    let read_until = Instant::now() + until.saturating_duration_since(Instant::now()) / 2;
+    w.drain(&rt, &mut b, read_until);
+    // Let the misses in flight finish: those read before the stop are within their own deadline
+    // by `until`; one read in the drain that is not done by then (its upstream took more than
+    // half the budget) is cancelled, so the exit stays within the budget. Then the last
+    // reference to the socket goes and it closes.
+    let Worker { afd, tasks, .. } = w;
+    let grace_end = until.max(Instant::now() + Duration::from_millis(100));
+    rt.block_on(async move {
+        let _ = tokio::time::timeout_at(grace_end.into(), tasks).await;
+    });
+    drop(afd);
 }
 
 /// One UDP worker's parts, shared by its two phases.
@@ -762,6 +825,39 @@ struct Worker {
 impl Worker {
     fn fd(&self) -> i32 {
         self.afd.get_ref().as_raw_fd()
+    }
+
+    /// The stop of [`udp_worker`]: answers everything queued on the socket, lets the misses that
+    /// started finish (they send their replies from this socket), and looks again, until a look
+    /// finds the queue empty with no miss in flight, or `until` passes. Between the last empty
+    /// look and the close that follows only a few system calls pass, so what a peer's reuseport
+    /// group still hashes here meanwhile is all that can be lost.
+    fn drain(&self, rt: &tokio::runtime::Runtime, b: &mut Batch, until: Instant) {
+        loop {
+            // Bounded: by `until`, and each batch reads at most BATCH datagrams.
+            while Instant::now() < until {
+                match b.recv(self.fd(), libc::MSG_DONTWAIT) {
+                    Ok(n) => {
+                        self.serve_batch(b, n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    // EAGAIN: the queue is empty (a shut read side still says EAGAIN here).
+                    Err(_) => break,
+                }
+            }
+            if self.local.misses.get() == 0 || Instant::now() >= until {
+                return;
+            }
+            let local = self.local.clone();
+            self.tasks.block_on(rt, async {
+                let _ = tokio::time::timeout_at(until.into(), async {
+                    while local.misses.get() > 0 {
+                        local.idle.notified().await;
+                    }
+                })
+                .await;
+            });
+        }
     }
 
     /// The async phase of [`udp_worker`]: receive a batch through the reactor, answer hits in
@@ -968,21 +1064,35 @@ async fn tcp_conn(
     });
     let pipeline = Arc::new(Semaphore::new(TCP_PIPELINE));
     let mut len = [0u8; 2];
+    // After a stop only frames already in the socket's buffer are read (never waiting for more):
+    // they are queries the client sent before the stop, and are answered before the close.
+    let mut draining = stopping(&stop);
     loop {
-        let read = tokio::select! {
-            r = tokio::time::timeout(idle, rd.read_exact(&mut len)) => r,
-            _ = stop.changed() => break,
+        let msg = if draining {
+            match read_frame_now(&mut rd, &mut len) {
+                Some(m) => m,
+                None => break,
+            }
+        } else {
+            let read = tokio::select! {
+                r = tokio::time::timeout(idle, rd.read_exact(&mut len)) => r,
+                _ = stop.changed() => {
+                    draining = true;
+                    continue;
+                }
+            };
+            match read {
+                Ok(Ok(_)) => {}
+                _ => break, // idle, EOF or error
+            }
+            let n = u16::from_be_bytes(len) as usize;
+            let mut msg = vec![0u8; n];
+            match tokio::time::timeout(idle, rd.read_exact(&mut msg)).await {
+                Ok(Ok(_)) => {}
+                _ => break,
+            }
+            msg
         };
-        match read {
-            Ok(Ok(_)) => {}
-            _ => break, // idle, EOF or error
-        }
-        let n = u16::from_be_bytes(len) as usize;
-        let mut msg = vec![0u8; n];
-        match tokio::time::timeout(idle, rd.read_exact(&mut msg)).await {
-            Ok(Ok(_)) => {}
-            _ => break,
-        }
         let mut body = Vec::with_capacity(512);
         match ctx
             .handler
@@ -1030,6 +1140,15 @@ async fn tcp_conn(
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// One whole frame if the socket's buffer already holds it, without waiting; `None` when it does
+/// not (a frame cut short is abandoned: the connection closes next).
+fn read_frame_now(rd: &mut tokio::net::tcp::OwnedReadHalf, len: &mut [u8; 2]) -> Option<Vec<u8>> {
+    rd.read_exact(len).now_or_never()?.ok()?;
+    let mut msg = vec![0u8; u16::from_be_bytes(*len) as usize];
+    rd.read_exact(&mut msg).now_or_never()?.ok()?;
+    Some(msg)
 }
 
 fn frame(body: Vec<u8>) -> Vec<u8> {

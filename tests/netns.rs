@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use nodedns::firewall::{self, Backend, Firewall, Rules};
+use nodedns::firewall::{self, Backend, Firewall, Intercept, Rules};
 use nodedns::netif::{self, LinkKind, Netif, NetifConfig, NetifError, Repair};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -396,6 +396,8 @@ fn fw_rules() -> Rules {
     Rules {
         addrs: vec![SocketAddr::new(ip(V4), 53), SocketAddr::new(ip(V6), 53)],
         health_port: Some(8080),
+        // The default: the socket-match rules, so their saved form is checked against the tools.
+        intercept: Intercept::WhileListening,
     }
 }
 
@@ -508,7 +510,7 @@ fn nftables_table_is_ensured_repaired_and_torn_down() {
         Vec::<String>::new()
     );
 
-    let rule = format!("ip daddr {V4} udp dport 53 notrack");
+    let rule = format!("ip daddr {V4} udp dport 53 socket transparent 0 notrack");
     let handle = nft_handle(&ns, "raw-prerouting", &rule);
     ns.ok(&[
         "nft",

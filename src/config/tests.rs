@@ -206,6 +206,42 @@ fn log_levels_are_checked() {
     }
 }
 
+/// `health { lameduck D }` is the shutdown grace, no longer an inert setting; an explicit
+/// `--shutdown-grace` wins; a `health` without lameduck keeps the flag's default.
+#[test]
+fn lameduck_sets_the_shutdown_grace() {
+    let file = |health: &str| {
+        format!(".:53 {{\n    bind 169.254.20.10\n    {health}\n    forward . 10.0.0.1\n}}\n")
+    };
+    let conf = |text: String, extra: &[&str]| {
+        let src = common::FakeSources::default().with_file("/c/Corefile", &text);
+        let mut args = vec!["--conf", "/c/Corefile", "--listen", "169.254.20.10:53"];
+        args.extend_from_slice(extra);
+        Cli::parse_args(
+            std::iter::once("nodedns")
+                .chain(args.iter().copied())
+                .map(String::from),
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|c| c.into_config_from(&src).map_err(|e| e.to_string()))
+    };
+    let c = conf(file("health 169.254.20.10:8080 {\n lameduck 7s\n }"), &[]).expect("config");
+    assert_eq!(c.shutdown_grace, Duration::from_secs(7));
+    assert!(
+        !c.inert.iter().any(|w| w.contains("lameduck")),
+        "{:?}",
+        c.inert
+    );
+    let c = conf(
+        file("health 169.254.20.10:8080 {\n lameduck 7s\n }"),
+        &["--shutdown-grace", "1s"],
+    )
+    .expect("config");
+    assert_eq!(c.shutdown_grace, Duration::from_secs(1), "the flag wins");
+    let c = conf(file("health 169.254.20.10:8080"), &[]).expect("config");
+    assert_eq!(c.shutdown_grace, Duration::from_secs(5), "the default");
+}
+
 #[test]
 fn serve_stale_and_prefetch_flags_reach_every_flag_zone() {
     let c = cli(&[

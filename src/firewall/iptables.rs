@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 
-use super::{FirewallError, Rules, run};
+use super::{FirewallError, Intercept, Rules, run};
 
 /// Comment on the NOTRACK rules for DNS.
 pub const COMMENT_NOTRACK: &str = "nodedns: skip conntrack";
@@ -106,17 +106,27 @@ pub fn rules(r: &Rules) -> Vec<Rule> {
         let (ip, dns) = (a.ip(), a.port());
         let family = Family::of(ip);
         let h = host(ip);
+        let socket = r.intercept == Intercept::WhileListening;
         let mut push = |table, chain, dir: &str, proto: &str, port: u16, comment, target| {
             let (addr_flag, port_flag) = match dir {
                 "dst" => ("-d", "--dport"),
                 _ => ("-s", "--sport"),
+            };
+            // Incoming queries skip conntrack only while a socket is bound to this address and
+            // port (xt_socket ignores wildcard-bound ones). The match exists for PREROUTING and
+            // INPUT only: in OUTPUT a packet's socket is its sender's, so nothing there can tell
+            // whether nodedns listens.
+            let m = if socket && chain == "PREROUTING" {
+                " -m socket"
+            } else {
+                ""
             };
             out.push(Rule {
                 family,
                 table,
                 chain,
                 spec: format!(
-                    "{addr_flag} {h} -p {proto} -m {proto} {port_flag} {port} -m comment --comment \"{comment}\" -j {target}"
+                    "{addr_flag} {h} -p {proto} -m {proto} {port_flag} {port}{m} -m comment --comment \"{comment}\" -j {target}"
                 ),
             });
         };
@@ -181,6 +191,36 @@ pub fn rules(r: &Rules) -> Vec<Rule> {
         }
     }
     out
+}
+
+/// Chain the socket-match probe uses (no hook jumps to it).
+const PROBE_CHAIN: &str = "NODEDNS-PROBE";
+
+/// The `iptables-restore --noflush` scripts that add a socket-match rule to a chain of its own in
+/// the raw table, and remove that chain.
+pub fn probe_scripts() -> (String, String) {
+    (
+        format!(
+            "*raw\n:{PROBE_CHAIN} - [0:0]\n-A {PROBE_CHAIN} -p udp -m socket -j RETURN\nCOMMIT\n"
+        ),
+        format!("*raw\n-F {PROBE_CHAIN}\n-X {PROBE_CHAIN}\nCOMMIT\n"),
+    )
+}
+
+/// See [`super::Firewall::socket_match_supported`].
+pub fn probe_socket_match(r: &Rules) -> Result<(), FirewallError> {
+    let (add, remove) = probe_scripts();
+    let mut families: Vec<Family> = r.addrs.iter().map(|a| Family::of(a.ip())).collect();
+    families.sort();
+    families.dedup();
+    for family in families {
+        let added = Iptables::restore(family, &add);
+        // A leftover chain from a crash would make the add fail: remove it either way.
+        let removed = Iptables::restore(family, &remove);
+        added?;
+        removed?;
+    }
+    Ok(())
 }
 
 /// The `-A` lines of one table in `iptables-save -t <table>` output.
@@ -358,6 +398,7 @@ mod tests {
                 })
                 .collect(),
             health_port: health,
+            intercept: Intercept::Always,
         }
     }
 
@@ -382,6 +423,48 @@ mod tests {
             r#"iptables -t raw -A OUTPUT -s 169.254.20.10/32 -p tcp -m tcp --sport 8080 -m comment --comment "nodedns: skip conntrack for health" -j NOTRACK"#,
         ];
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn golden_rules_while_listening() {
+        let mut rules_in = r(&["10.96.0.10", "fd00::10"], None);
+        rules_in.intercept = Intercept::WhileListening;
+        let got: Vec<String> = rules(&rules_in).iter().map(Rule::describe).collect();
+        // Only the incoming NOTRACK rules change: OUTPUT has no socket match (the packet's
+        // socket is its sender's), and the ACCEPTs are harmless with nothing listening.
+        let want = [
+            r#"iptables -t raw -A PREROUTING -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -m socket -m comment --comment "nodedns: skip conntrack" -j NOTRACK"#,
+            r#"iptables -t raw -A PREROUTING -d 10.96.0.10/32 -p udp -m udp --dport 53 -m socket -m comment --comment "nodedns: skip conntrack" -j NOTRACK"#,
+            r#"iptables -t filter -A INPUT -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -m comment --comment "nodedns: allow DNS" -j ACCEPT"#,
+            r#"iptables -t filter -A INPUT -d 10.96.0.10/32 -p udp -m udp --dport 53 -m comment --comment "nodedns: allow DNS" -j ACCEPT"#,
+            r#"iptables -t raw -A OUTPUT -s 10.96.0.10/32 -p tcp -m tcp --sport 53 -m comment --comment "nodedns: skip conntrack" -j NOTRACK"#,
+            r#"iptables -t raw -A OUTPUT -s 10.96.0.10/32 -p udp -m udp --sport 53 -m comment --comment "nodedns: skip conntrack" -j NOTRACK"#,
+            r#"iptables -t filter -A OUTPUT -s 10.96.0.10/32 -p tcp -m tcp --sport 53 -m comment --comment "nodedns: allow DNS" -j ACCEPT"#,
+            r#"iptables -t filter -A OUTPUT -s 10.96.0.10/32 -p udp -m udp --sport 53 -m comment --comment "nodedns: allow DNS" -j ACCEPT"#,
+            r#"iptables -t raw -A OUTPUT -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -m comment --comment "nodedns: skip conntrack" -j NOTRACK"#,
+            r#"iptables -t raw -A OUTPUT -d 10.96.0.10/32 -p udp -m udp --dport 53 -m comment --comment "nodedns: skip conntrack" -j NOTRACK"#,
+            r#"ip6tables -t raw -A PREROUTING -d fd00::10/128 -p tcp -m tcp --dport 53 -m socket -m comment --comment "nodedns: skip conntrack" -j NOTRACK"#,
+            r#"ip6tables -t raw -A PREROUTING -d fd00::10/128 -p udp -m udp --dport 53 -m socket -m comment --comment "nodedns: skip conntrack" -j NOTRACK"#,
+            r#"ip6tables -t filter -A INPUT -d fd00::10/128 -p tcp -m tcp --dport 53 -m comment --comment "nodedns: allow DNS" -j ACCEPT"#,
+            r#"ip6tables -t filter -A INPUT -d fd00::10/128 -p udp -m udp --dport 53 -m comment --comment "nodedns: allow DNS" -j ACCEPT"#,
+            r#"ip6tables -t raw -A OUTPUT -s fd00::10/128 -p tcp -m tcp --sport 53 -m comment --comment "nodedns: skip conntrack" -j NOTRACK"#,
+            r#"ip6tables -t raw -A OUTPUT -s fd00::10/128 -p udp -m udp --sport 53 -m comment --comment "nodedns: skip conntrack" -j NOTRACK"#,
+            r#"ip6tables -t filter -A OUTPUT -s fd00::10/128 -p tcp -m tcp --sport 53 -m comment --comment "nodedns: allow DNS" -j ACCEPT"#,
+            r#"ip6tables -t filter -A OUTPUT -s fd00::10/128 -p udp -m udp --sport 53 -m comment --comment "nodedns: allow DNS" -j ACCEPT"#,
+            r#"ip6tables -t raw -A OUTPUT -d fd00::10/128 -p tcp -m tcp --dport 53 -m comment --comment "nodedns: skip conntrack" -j NOTRACK"#,
+            r#"ip6tables -t raw -A OUTPUT -d fd00::10/128 -p udp -m udp --dport 53 -m comment --comment "nodedns: skip conntrack" -j NOTRACK"#,
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn probe_scripts_use_a_chain_of_their_own() {
+        let (add, remove) = probe_scripts();
+        assert_eq!(
+            add,
+            "*raw\n:NODEDNS-PROBE - [0:0]\n-A NODEDNS-PROBE -p udp -m socket -j RETURN\nCOMMIT\n"
+        );
+        assert_eq!(remove, "*raw\n-F NODEDNS-PROBE\n-X NODEDNS-PROBE\nCOMMIT\n");
     }
 
     #[test]

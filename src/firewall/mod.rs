@@ -73,6 +73,22 @@ pub struct Rules {
     /// Health-check port on the same IPs, if any; its TCP traffic skips conntrack too, so
     /// liveness probes do not pile up conntrack/TIME-WAIT entries.
     pub health_port: Option<u16>,
+    /// When incoming DNS to the addresses skips conntrack.
+    pub intercept: Intercept,
+}
+
+/// When the PREROUTING NOTRACK rules take a query away from conntrack (and so from kube-proxy's
+/// DNAT of a ClusterIP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Intercept {
+    /// Only while a socket would receive them (`-m socket`, which ignores wildcard-bound
+    /// sockets, / nft's `socket transparent 0`, which does not): a dead nodedns fails open,
+    /// its queries are tracked again and kube-proxy's DNAT takes them to the cluster DNS.
+    #[default]
+    WhileListening,
+    /// Always (the addon's rules, for a kernel without the socket match): a dead nodedns is a
+    /// DNS outage for pods using a ClusterIP it serves.
+    Always,
 }
 
 /// Errors from running the firewall tools.
@@ -179,6 +195,17 @@ impl Firewall {
             Firewall::Iptables(f) => f.ensure(),
             Firewall::Nftables(f) => f.ensure(),
             Firewall::None => Ok(Vec::new()),
+        }
+    }
+
+    /// Whether the kernel has the socket match `backend` needs for [`Intercept::WhileListening`]
+    /// (for iptables, in every family of `rules`): loads a rule using it into a chain no hook
+    /// reaches (no traffic passes it) and removes it again.
+    pub fn socket_match_supported(backend: Backend, rules: &Rules) -> Result<(), FirewallError> {
+        match backend {
+            Backend::Iptables => iptables::probe_socket_match(rules),
+            Backend::Nftables => nft::probe_socket_match(),
+            Backend::None => Ok(()),
         }
     }
 
@@ -304,6 +331,7 @@ mod tests {
             Rules {
                 addrs: vec![],
                 health_port: None,
+                intercept: Intercept::Always,
             },
         );
         assert!(fw.ensure().map(|v| v.is_empty()).unwrap_or(false));

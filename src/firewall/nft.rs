@@ -13,7 +13,7 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use super::{FirewallError, Rules, run};
+use super::{FirewallError, Intercept, Rules, run};
 
 /// Name of our table (family `inet`).
 pub const TABLE: &str = "nodedns";
@@ -61,8 +61,17 @@ pub fn chains(r: &Rules) -> Vec<Chain> {
         }
         let (ip, dns) = (a.ip(), a.port());
         let (d, s) = (matcher(ip, "daddr"), matcher(ip, "saddr"));
+        // Incoming queries skip conntrack only while a socket would receive them (`transparent
+        // 0` holds for any socket found, request sockets of a TCP handshake included; `wildcard
+        // 0` does not: it breaks on those, so a handshake's ACK was tracked and DNATed away).
+        // Unlike iptables' match this counts a wildcard-bound socket too. Not in output: there
+        // the packet's socket is its sender's, so the match would always hold.
+        let socket = match r.intercept {
+            Intercept::WhileListening => " socket transparent 0",
+            Intercept::Always => "",
+        };
         for proto in ["tcp", "udp"] {
-            pre.push(format!("{d} {proto} dport {dns} notrack"));
+            pre.push(format!("{d} {proto} dport {dns}{socket} notrack"));
             input.push(format!("{d} {proto} dport {dns} accept"));
             out_raw.push(format!("{s} {proto} sport {dns} notrack"));
             output.push(format!("{s} {proto} sport {dns} accept"));
@@ -128,6 +137,22 @@ pub fn apply_script(chains: &[Chain]) -> String {
         "table inet {TABLE} {{}}\ndelete table inet {TABLE}\n{}",
         table_text(chains)
     )
+}
+
+/// Table the socket-match probe creates and deletes.
+const PROBE_TABLE: &str = "nodedns-probe";
+
+/// The `nft -f -` script that checks the kernel has the socket expression: a regular chain (no
+/// hook, so no traffic passes it) in a table of its own, deleted in the same transaction.
+pub fn probe_script() -> String {
+    format!(
+        "table inet {PROBE_TABLE} {{\n\tchain probe {{\n\t\tudp dport 53 socket transparent 0 accept\n\t}}\n}}\ndelete table inet {PROBE_TABLE}\n"
+    )
+}
+
+/// See [`super::Firewall::socket_match_supported`].
+pub fn probe_socket_match() -> Result<(), FirewallError> {
+    run("nft", "nftables", &["-f", "-"], Some(&probe_script())).map(drop)
 }
 
 /// The `nft -f -` script that removes our table, whether or not it exists.
@@ -254,6 +279,7 @@ mod tests {
                 })
                 .collect(),
             health_port: health,
+            intercept: Intercept::Always,
         }
     }
 
@@ -308,6 +334,30 @@ table inet nodedns {
         assert_eq!(apply_script(&c), GOLDEN);
         let total: usize = c.iter().map(|c| c.rules.len()).sum();
         assert_eq!(total, 24, "12 rules per IP, like the iptables backend");
+    }
+
+    #[test]
+    fn golden_while_listening() {
+        let mut rules_in = r(&["10.96.0.10", "fd00::10"], None);
+        rules_in.intercept = Intercept::WhileListening;
+        let c = chains(&rules_in);
+        // Only raw-prerouting changes (see `chains`).
+        assert_eq!(
+            c[0].rules,
+            vec![
+                "ip daddr 10.96.0.10 tcp dport 53 socket transparent 0 notrack",
+                "ip daddr 10.96.0.10 udp dport 53 socket transparent 0 notrack",
+                "ip6 daddr fd00::10 tcp dport 53 socket transparent 0 notrack",
+                "ip6 daddr fd00::10 udp dport 53 socket transparent 0 notrack",
+            ]
+        );
+        let mut always = r(&["10.96.0.10", "fd00::10"], None);
+        always.intercept = Intercept::Always;
+        assert_eq!(c[1..], chains(&always)[1..]);
+        assert_eq!(
+            probe_script(),
+            "table inet nodedns-probe {\n\tchain probe {\n\t\tudp dport 53 socket transparent 0 accept\n\t}\n}\ndelete table inet nodedns-probe\n"
+        );
     }
 
     #[test]

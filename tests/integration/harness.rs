@@ -100,6 +100,10 @@ pub fn safety_args() -> Vec<&'static str> {
     if help_mentions("--health-listen") {
         v.extend(["--health-listen", "off"]);
     }
+    // No lameduck wait at stop unless a test asks for one (a later flag overrides this one).
+    if help_mentions("--shutdown-grace") {
+        v.push("--shutdown-grace=0");
+    }
     // Without --upstream nodedns reads resolv.conf: make that a loopback-only one, so no test can
     // ever send a query off this machine.
     if help_mentions("--resolv-conf") {
@@ -264,6 +268,10 @@ impl Nodedns {
     }
 
     /// Whether the process is still running.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

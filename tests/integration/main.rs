@@ -10,6 +10,7 @@ mod dig;
 mod edge_e2e;
 mod fake_selftest;
 mod fake_upstream;
+mod handover;
 mod harness;
 mod lifecycle;
 mod metrics_e2e;

@@ -429,6 +429,8 @@ impl NsNodedns {
         if let Ok(level) = std::env::var("NODEDNS_TEST_LOG_LEVEL") {
             cmd.args(["--log-level", &level]);
         }
+        // No lameduck wait at stop unless the test asks for one (a later flag overrides this).
+        cmd.arg("--shutdown-grace=0");
         cmd.args(args);
         // Whatever the test runner's environment says, only `env` chooses a cluster DNS.
         cmd.env_remove("KUBE_DNS_UPSTREAM_SERVICE_HOST")
@@ -847,13 +849,15 @@ fn reconcile_restores_address_rule_and_link_within_one_interval() {
         "--dport",
         "53",
         "-m",
+        "socket",
+        "-m",
         "comment",
         "--comment",
         "nodedns: skip conntrack",
         "-j",
         "NOTRACK",
     ]);
-    let wanted = "-A PREROUTING -d 169.254.20.10/32 -p udp -m udp --dport 53 -m comment \
+    let wanted = "-A PREROUTING -d 169.254.20.10/32 -p udp -m udp --dport 53 -m socket -m comment \
                   --comment \"nodedns: skip conntrack\" -j NOTRACK";
     assert!(
         poll(wait, || ns.rule_lines().iter().any(|l| l == wanted)),
@@ -1065,7 +1069,7 @@ fn firewall_backend_lifecycle(test: &str, backend: &str) {
                 .lines()
                 .find_map(|l| {
                     let (text, h) = l.trim().split_once(" # handle ")?;
-                    (text == "ip daddr 169.254.20.10 udp dport 53 notrack")
+                    (text == "ip daddr 169.254.20.10 udp dport 53 socket transparent 0 notrack")
                         .then(|| h.trim().to_string())
                 })
                 .unwrap_or_else(|| panic!("{test}: rule not in\n{listing}"));
