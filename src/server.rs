@@ -445,6 +445,7 @@ impl Listeners {
         }
         let tcp_permits = u32::try_from(opts.max_tcp_connections.max(1)).unwrap_or(u32::MAX >> 4);
         let limit = Arc::new(Semaphore::new(tcp_permits as usize));
+        let slots = Arc::new(TcpSlots::new(limit.clone()));
         // Registered with the runtime here, so a failure is a start error, not a log line in a task
         // while `/ready` says the listeners are bound.
         let tcp = {
@@ -466,9 +467,9 @@ impl Listeners {
         let tcp_tasks = tcp
             .into_iter()
             .map(|l| {
-                let (ctx, limit, stop_rx) = (ctx.clone(), limit.clone(), stop_rx.clone());
+                let (ctx, slots, stop_rx) = (ctx.clone(), slots.clone(), stop_rx.clone());
                 let idle = opts.tcp_idle_timeout;
-                rt.spawn(accept_loop(l, ctx, limit, stop_rx, idle, tcp_shard))
+                rt.spawn(accept_loop(l, ctx, slots, stop_rx, idle, tcp_shard))
             })
             .collect();
         Ok(Listeners {
@@ -1006,10 +1007,76 @@ impl Drop for MissGuard<'_> {
     }
 }
 
+/// The client TCP connection slots (`--max-tcp-connections`), and which connections are idle.
+///
+/// When every slot is taken, the connection idle the longest (waiting for a query, or partway
+/// through one: a slow-loris client is idle from the moment it started its frame) is closed to make
+/// room, as unbound does when its table fills, so idle or trickling connections can never lock
+/// TCP clients (and TC fallbacks) out until their idle timeout. Connections with a query in flight
+/// are never evicted. A new connection waits at most [`SLOT_WAIT`] for the freed slot.
+struct TcpSlots {
+    limit: Arc<Semaphore>,
+    /// Connection id → (idle since, its close signal), for connections waiting for a query.
+    idle: Mutex<HashMap<u64, (Instant, Arc<Notify>)>>,
+    next_id: AtomicUsize,
+    /// New connections waiting for an evicted slot, at most this many at once.
+    waiting: Arc<Semaphore>,
+}
+
+/// How long a new connection waits for the slot an eviction frees.
+const SLOT_WAIT: Duration = Duration::from_secs(1);
+
+impl TcpSlots {
+    fn new(limit: Arc<Semaphore>) -> TcpSlots {
+        TcpSlots {
+            limit,
+            idle: Mutex::new(HashMap::new()),
+            next_id: AtomicUsize::new(0),
+            waiting: Arc::new(Semaphore::new(64)),
+        }
+    }
+
+    fn register(&self) -> (u64, Arc<Notify>) {
+        (
+            self.next_id.fetch_add(1, Ordering::Relaxed) as u64,
+            Arc::new(Notify::new()),
+        )
+    }
+
+    fn set_idle(&self, id: u64, close: &Arc<Notify>, idle: bool) {
+        if let Ok(mut m) = self.idle.lock() {
+            if idle {
+                m.entry(id)
+                    .or_insert_with(|| (Instant::now(), close.clone()));
+            } else {
+                m.remove(&id);
+            }
+        }
+    }
+
+    /// Asks the longest-idle connection to close; says whether there was one.
+    fn evict_oldest_idle(&self) -> bool {
+        let Ok(mut m) = self.idle.lock() else {
+            return false;
+        };
+        let oldest = m
+            .iter()
+            .min_by_key(|(_, (since, _))| *since)
+            .map(|(&id, _)| id);
+        match oldest.and_then(|id| m.remove(&id)) {
+            Some((_, close)) => {
+                close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<Ctx>,
-    limit: Arc<Semaphore>,
+    slots: Arc<TcpSlots>,
     mut stop: watch::Receiver<bool>,
     idle: Duration,
     shard: usize,
@@ -1018,17 +1085,39 @@ async fn accept_loop(
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
-                    // Past the limit a new connection is closed at once rather than queued.
-                    let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        tracing::debug!(%peer, "too many TCP connections; closing");
-                        continue;
-                    };
-                    let ctx = ctx.clone();
-                    let stop = stop.clone();
-                    tokio::spawn(async move {
-                        tcp_conn(stream, ctx, idle, stop, shard).await;
-                        drop(permit);
-                    });
+                    let permit = slots.limit.clone().try_acquire_owned().ok();
+                    let (ctx, stop, slots) = (ctx.clone(), stop.clone(), slots.clone());
+                    match permit {
+                        Some(permit) => {
+                            tokio::spawn(async move {
+                                tcp_conn(stream, ctx, idle, stop, shard, &slots).await;
+                                drop(permit);
+                            });
+                        }
+                        None => {
+                            // Full: make room by closing the longest-idle connection; with none
+                            // idle (all busy) or too many already waiting, close this one at once.
+                            let Ok(wait) = slots.waiting.clone().try_acquire_owned() else {
+                                continue;
+                            };
+                            if !slots.evict_oldest_idle() {
+                                tracing::debug!(%peer, "too many busy TCP connections; closing");
+                                continue;
+                            }
+                            tokio::spawn(async move {
+                                let got = tokio::time::timeout(
+                                    SLOT_WAIT,
+                                    slots.limit.clone().acquire_owned(),
+                                )
+                                .await;
+                                drop(wait);
+                                if let Ok(Ok(permit)) = got {
+                                    tcp_conn(stream, ctx, idle, stop, shard, &slots).await;
+                                    drop(permit);
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "tcp accept");
@@ -1050,7 +1139,9 @@ async fn tcp_conn(
     idle: Duration,
     mut stop: watch::Receiver<bool>,
     shard: usize,
+    slots: &TcpSlots,
 ) {
+    let (id, close) = slots.register();
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_PIPELINE);
@@ -1074,12 +1165,16 @@ async fn tcp_conn(
                 None => break,
             }
         } else {
+            // Idle (evictable) from here until a whole frame is read, unless queries are in flight.
+            let busy = pipeline.available_permits() < TCP_PIPELINE;
+            slots.set_idle(id, &close, !busy);
             let read = tokio::select! {
                 r = tokio::time::timeout(idle, rd.read_exact(&mut len)) => r,
                 _ = stop.changed() => {
                     draining = true;
                     continue;
                 }
+                _ = close.notified() => break,
             };
             match read {
                 Ok(Ok(_)) => {}
@@ -1087,10 +1182,15 @@ async fn tcp_conn(
             }
             let n = u16::from_be_bytes(len) as usize;
             let mut msg = vec![0u8; n];
-            match tokio::time::timeout(idle, rd.read_exact(&mut msg)).await {
+            let read = tokio::select! {
+                r = tokio::time::timeout(idle, rd.read_exact(&mut msg)) => r,
+                _ = close.notified() => break,
+            };
+            match read {
                 Ok(Ok(_)) => {}
                 _ => break,
             }
+            slots.set_idle(id, &close, false);
             msg
         };
         let mut body = Vec::with_capacity(512);
@@ -1138,6 +1238,7 @@ async fn tcp_conn(
             }
         }
     }
+    slots.set_idle(id, &close, false);
     drop(tx);
     let _ = writer.await;
 }

@@ -18,4 +18,5 @@ mod netns_e2e;
 mod poison_e2e;
 mod robustness;
 mod stale_e2e;
+mod tcp_limits;
 mod warm_e2e;
