@@ -3,8 +3,12 @@
 //! The crate is split by concern. `wire`, `cache` and `handler` are sans-IO (they take `now` as an
 //! argument and touch no sockets); `upstream`, `server`, `netif`, `firewall` and `admin` are the edges.
 
+#![deny(unsafe_code)]
+
 pub mod admin;
 pub mod app;
+#[allow(unsafe_code)]
+mod batch;
 pub mod cache;
 pub mod config;
 pub mod firewall;
