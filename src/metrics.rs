@@ -632,6 +632,34 @@ impl Metrics {
         out
     }
 
+    /// node-cache's own listener (`-metrics-listen-address`, :9353): only
+    /// `coredns_nodecache_setup_errors_total{errortype}`, node-cache's five label values first
+    /// (`configmap` never counts: a bad ConfigMap is a refused reload,
+    /// `nodedns_reloads_total{result}`), then nodedns's own (`nftables`, `reconcile`). Prometheus
+    /// text format 0.0.4.
+    pub fn encode_nodecache_setup_errors(&self) -> String {
+        use std::fmt::Write;
+        let name = "coredns_nodecache_setup_errors_total";
+        let mut out = format!(
+            "# HELP {name} The number of errors during periodic network setup for node-cache\n# TYPE {name} counter\n"
+        );
+        let errs = &self.core.shared.setup_errors;
+        let v = |k: SetupErrorKind| errs[k as usize].load(Relaxed);
+        let rows = [
+            ("iptables", v(SetupErrorKind::Iptables)),
+            ("iptables_lock", v(SetupErrorKind::IptablesLock)),
+            ("interface_add", v(SetupErrorKind::InterfaceAdd)),
+            ("interface_check", v(SetupErrorKind::InterfaceCheck)),
+            ("configmap", 0),
+            ("nftables", v(SetupErrorKind::Nftables)),
+            ("reconcile", v(SetupErrorKind::Reconcile)),
+        ];
+        for (label, n) in rows {
+            let _ = writeln!(out, "{name}{{errortype=\"{label}\"}} {n}");
+        }
+        out
+    }
+
     /// Encodes all metrics in the classic Prometheus text format 0.0.4; serve with
     /// [`PROMETHEUS_TEXT_CONTENT_TYPE`].
     pub fn encode_prometheus_text(&self) -> String {
@@ -894,9 +922,12 @@ impl Collector for ScrapeCollector {
             }
         }
 
-        // nodedns_build_info{version} 1
+        // nodedns_build_info{version,commit} 1
         enc.encode_descriptor("nodedns_build", "Build information", None, MetricType::Info)?
-            .encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
+            .encode_info(&[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", crate::config::GIT_COMMIT),
+            ])?;
 
         Ok(())
     }
@@ -1088,8 +1119,9 @@ mod tests {
         }
         assert_eq!(
             s(&format!(
-                r#"nodedns_build_info{{version="{}"}}"#,
-                env!("CARGO_PKG_VERSION")
+                r#"nodedns_build_info{{version="{}",commit="{}"}}"#,
+                env!("CARGO_PKG_VERSION"),
+                crate::config::GIT_COMMIT
             )),
             "1"
         );
