@@ -240,7 +240,13 @@ async fn ready_follows_upstream_reachability() {
     up.set_behavior(".", Behavior::Drop);
     let hport = free_port();
     let haddr: SocketAddr = format!("127.0.0.1:{hport}").parse().unwrap();
-    let node = Nodedns::with_upstream(&up, &["--health-listen", &haddr.to_string()]).await;
+    // The cluster zone has its servers (no Service variable needed, which /ready would name).
+    let cluster = format!("cluster.local={}", up.addr_str());
+    let node = Nodedns::with_upstream(
+        &up,
+        &["--health-listen", &haddr.to_string(), "--forward", &cluster],
+    )
+    .await;
     let (status, body) = http_get(haddr, "/ready").await;
     assert_eq!(status, 503, "ready before any upstream answered: {body}");
     assert!(
