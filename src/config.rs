@@ -90,7 +90,12 @@ pub struct Cli {
     /// Service whose <NAME>_SERVICE_HOST/_PORT environment variables (set by the kubelet) give the
     /// cluster DNS address, as the addon's -upstreamsvc.
     /// A comma-separated list of IPs (IP[:PORT],...) is used as the cluster DNS itself.
-    #[arg(long, alias = "upstreamsvc", value_name = "NAME|IPS", default_value = "kube-dns-upstream")]
+    #[arg(
+        long,
+        alias = "upstreamsvc",
+        value_name = "NAME|IPS",
+        default_value = "kube-dns-upstream"
+    )]
     pub upstream_svc: String,
 
     /// Lower bound on how long a positive answer is cached.
@@ -160,7 +165,12 @@ pub struct Cli {
     pub setup_interface: bool,
 
     /// Name of the link that holds the local IPs.
-    #[arg(long, alias = "interfacename", value_name = "NAME", default_value = "nodelocaldns")]
+    #[arg(
+        long,
+        alias = "interfacename",
+        value_name = "NAME",
+        default_value = "nodelocaldns"
+    )]
     pub interface: String,
 
     /// Kind of that link: dummy, or bridge where the kernel has no dummy link type.

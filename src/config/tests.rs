@@ -124,15 +124,24 @@ fn cluster_dns_from_service_env() {
         .into_config(no_env)
         .unwrap();
     assert!(c.not_ready[0].contains("KUBE_DNS_UPSTREAM_SERVICE_HOST is not set"));
-    let c = cli(&["--upstream", "127.0.0.1", "--forward", "cluster.local=10.0.0.1"])
-        .unwrap()
-        .into_config(no_env)
-        .unwrap();
+    let c = cli(&[
+        "--upstream",
+        "127.0.0.1",
+        "--forward",
+        "cluster.local=10.0.0.1",
+    ])
+    .unwrap()
+    .into_config(no_env)
+    .unwrap();
     assert!(c.not_ready.is_empty(), "{:?}", c.not_ready);
 }
 
 fn go(args: &[&str]) -> Result<Cli, clap::Error> {
-    Cli::parse_args(std::iter::once("nodedns").chain(args.iter().copied()).map(String::from))
+    Cli::parse_args(
+        std::iter::once("nodedns")
+            .chain(args.iter().copied())
+            .map(String::from),
+    )
 }
 
 #[test]
@@ -195,9 +204,15 @@ fn the_addons_flags_map_onto_nodedns_flags() {
         ]
     );
     // Defaults: the health port is 9053, node-cache's listener 0.0.0.0:9353.
-    let c = go(&["--upstream", "127.0.0.1"]).unwrap().into_config(no_env).unwrap();
+    let c = go(&["--upstream", "127.0.0.1"])
+        .unwrap()
+        .into_config(no_env)
+        .unwrap();
     assert_eq!(c.health_listen, Some("169.254.20.10:9053".parse().unwrap()));
-    assert_eq!(c.setup_metrics_listen, Some("0.0.0.0:9353".parse().unwrap()));
+    assert_eq!(
+        c.setup_metrics_listen,
+        Some("0.0.0.0:9353".parse().unwrap())
+    );
     assert_eq!(c.node.firewall, None);
     // -corefile stands in for a missing -conf; -setupiptables=true keeps auto.
     let c = go(&["-corefile", "/etc/Corefile", "-setupiptables"]).unwrap();
@@ -206,7 +221,15 @@ fn the_addons_flags_map_onto_nodedns_flags() {
     // Conflicting spellings.
     assert!(go(&["-localip", "10.0.0.1", "--listen", "10.0.0.1:53"]).is_err());
     assert!(go(&["-health-port", "1", "--health-listen", "off"]).is_err());
-    assert!(go(&["-prometheus-listen-address", ":1", "--metrics-listen", "off"]).is_err());
+    assert!(
+        go(&[
+            "-prometheus-listen-address",
+            ":1",
+            "--metrics-listen",
+            "off"
+        ])
+        .is_err()
+    );
     assert!(go(&["-health-port"]).is_err());
 }
 

@@ -140,7 +140,13 @@ fn addon_flags_exit_2_on_bad_values() {
     assert_usage_error(&["--upstream", UP, "-setupiptables=maybe"]);
     assert_usage_error(&["--upstream", UP, "-metrics-listen-address", "nowhere"]);
     // Two spellings of one setting that disagree.
-    let line = assert_usage_error(&["--upstream", UP, "-setupiptables=false", "--firewall", "iptables"]);
+    let line = assert_usage_error(&[
+        "--upstream",
+        UP,
+        "-setupiptables=false",
+        "--firewall",
+        "iptables",
+    ]);
     assert!(line.contains("setupiptables"), "{line}");
 }
 
@@ -150,7 +156,10 @@ fn version_names_the_commit() {
         let out = run(&[flag]);
         assert_eq!(out.status.code(), Some(0), "{flag}");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.starts_with("nodedns 0.") && text.contains("(commit "), "{flag}: {text}");
+        assert!(
+            text.starts_with("nodedns 0.") && text.contains("(commit "),
+            "{flag}: {text}"
+        );
     }
 }
 

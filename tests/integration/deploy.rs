@@ -1,0 +1,454 @@
+//! The Kubernetes deployment as shipped: `daemonset.yaml`'s container args, env and ConfigMap
+//! Corefile, filled in with the README's sed recipe, run as the real binary in a network namespace
+//! with the Service variables the kubelet sets; the addon's own DaemonSet args; `/ready` naming a
+//! missing or malformed Service variable.
+//!
+//! The YAML is read with `yaml-rust2` (a dev-dependency: pure Rust, no serde layer, no C code),
+//! because the test must read the manifest the operator applies, not a copy of its values.
+//!
+//! What the kubelet does and the test does by hand: the ConfigMap volume (`/etc/coredns`) is a
+//! directory of the test's, so an arg under a volume's `mountPath` is rewritten to it; `--link-kind
+//! bridge` is added because this kernel has no dummy link type. Everything else is verbatim.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use yaml_rust2::{Yaml, YamlLoader};
+
+use crate::netns_e2e::{
+    LOCAL, Netns, NsNodedns, NsUpstream, a_strings, have_tool, local_dns, poll, require_netns,
+};
+
+const LOCALDNS: &str = "169.254.20.10";
+const DOMAIN: &str = "cluster.local";
+/// The kube-dns ClusterIP (nodedns takes it over in iptables mode).
+const KUBEDNS: &str = "10.96.0.10";
+/// The kube-dns-upstream ClusterIP: the fake cluster DNS listens here (TCP and UDP).
+const UPSTREAM_SVC_IP: &str = "10.96.0.100";
+/// The node's resolver (its resolv.conf): the fake for external names.
+const NODE_RESOLVER: &str = "10.0.1.53";
+
+const CLUSTER_NAME: &str = "web.default.svc.cluster.local";
+const CLUSTER_IP: &str = "10.96.5.5";
+const EXTERNAL_NAME: &str = "example.org";
+const EXTERNAL_IP: &str = "192.0.2.80";
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// The README's sed expression for `mode` (the line in the "Deploy on Kubernetes" section that
+/// contains `needle`), with the shell variables filled in.
+fn readme_sed(needle: &str) -> String {
+    let readme = std::fs::read_to_string(repo("README.md")).expect("read README.md");
+    let section = readme
+        .split("## Deploy on Kubernetes")
+        .nth(1)
+        .expect("README has a Deploy on Kubernetes section");
+    let line = section
+        .lines()
+        .find(|l| l.starts_with("sed \"") && l.contains(needle))
+        .unwrap_or_else(|| panic!("README: no sed line containing {needle:?}"));
+    let expr = line
+        .strip_prefix("sed \"")
+        .and_then(|r| r.split_once('"'))
+        .map(|(e, _)| e)
+        .expect("sed \"EXPR\" ...");
+    expr.replace("$localdns", LOCALDNS)
+        .replace("$domain", DOMAIN)
+        .replace("$kubedns", KUBEDNS)
+}
+
+/// daemonset.yaml after the README's recipe, run through the real `sed`.
+fn rendered_manifest(needle: &str) -> String {
+    let out = Command::new("sed")
+        .arg(readme_sed(needle))
+        .arg(repo("daemonset.yaml"))
+        .output()
+        .expect("run sed");
+    assert!(out.status.success(), "sed: {out:?}");
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn doc<'a>(docs: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("daemonset.yaml has no {kind} {name}"))
+}
+
+fn strings(y: &Yaml) -> Vec<String> {
+    y.as_vec()
+        .map(|v| {
+            v.iter()
+                .map(|s| s.as_str().expect("a string").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What the test needs from the manifest.
+struct Manifest {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    mount_paths: Vec<String>,
+    corefile: String,
+    ready: (String, u16, String),
+    live: (String, u16, String),
+}
+
+fn probe(p: &Yaml) -> (String, u16, String) {
+    let g = &p["httpGet"];
+    (
+        g["host"].as_str().expect("probe host").to_string(),
+        g["port"].as_i64().expect("numeric probe port") as u16,
+        g["path"].as_str().expect("probe path").to_string(),
+    )
+}
+
+fn manifest(text: &str) -> Manifest {
+    let docs = YamlLoader::load_from_str(text).expect("daemonset.yaml parses");
+    let ds = doc(&docs, "DaemonSet", "node-local-dns");
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(pod["hostNetwork"].as_bool(), Some(true));
+    assert_eq!(pod["dnsPolicy"].as_str(), Some("Default"));
+    let env = c["env"]
+        .as_vec()
+        .map(|v| {
+            v.iter()
+                .map(|e| {
+                    (
+                        e["name"].as_str().expect("env name").to_string(),
+                        e["value"].as_str().expect("env value").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mount_paths = c["volumeMounts"]
+        .as_vec()
+        .expect("volumeMounts")
+        .iter()
+        .map(|m| m["mountPath"].as_str().expect("mountPath").to_string())
+        .collect();
+    let cm = doc(&docs, "ConfigMap", "node-local-dns");
+    Manifest {
+        args: strings(&c["args"]),
+        env,
+        mount_paths,
+        corefile: cm["data"]["Corefile"]
+            .as_str()
+            .expect("ConfigMap data.Corefile")
+            .to_string(),
+        ready: probe(&c["readinessProbe"]),
+        live: probe(&c["livenessProbe"]),
+    }
+}
+
+/// The variables the kubelet sets for the Services of the pod's namespace (kube-system), with
+/// kube-dns-upstream at `UPSTREAM_SVC_IP`.
+fn kubelet_env() -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    for (svc, ip) in [
+        ("KUBE_DNS_UPSTREAM", UPSTREAM_SVC_IP),
+        ("KUBE_DNS", KUBEDNS),
+    ] {
+        v.push((format!("{svc}_SERVICE_HOST"), ip.to_string()));
+        v.push((format!("{svc}_SERVICE_PORT"), "53".into()));
+        v.push((format!("{svc}_SERVICE_PORT_DNS"), "53".into()));
+        v.push((format!("{svc}_PORT"), format!("udp://{ip}:53")));
+        v.push((format!("{svc}_PORT_53_TCP_ADDR"), ip.to_string()));
+    }
+    v.push(("KUBERNETES_SERVICE_HOST".into(), "10.96.0.1".into()));
+    v.push(("KUBERNETES_SERVICE_PORT".into(), "443".into()));
+    v
+}
+
+/// A GET from inside the namespace; (status, body).
+fn http_get_in(ns: &Netns, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    ns.run(|| {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: nodedns\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok((status, body.to_string()))
+    })
+}
+
+fn wait_http_200(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(), String> {
+    let mut last = String::new();
+    if poll(Duration::from_secs(15), || {
+        match http_get_in(ns, addr, path) {
+            Ok((200, _)) => true,
+            Ok((code, body)) => {
+                last = format!("{code} {body}");
+                false
+            }
+            Err(e) => {
+                last = e.to_string();
+                false
+            }
+        }
+    }) {
+        Ok(())
+    } else {
+        Err(format!("GET {addr}{path}: {last}"))
+    }
+}
+
+/// A namespace with the node resolver and the cluster DNS (kube-dns-upstream) as fakes.
+fn cluster_namespace(tag: &str) -> (Netns, NsUpstream, NsUpstream) {
+    let mut ns = Netns::new(tag);
+    for ip in [UPSTREAM_SVC_IP, NODE_RESOLVER] {
+        ns.ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+    }
+    // dnsPolicy Default: the node's resolv.conf (`ip netns exec` mounts this one over it).
+    ns.set_resolv_conf(&format!("nameserver {NODE_RESOLVER}\n"));
+    let cluster = NsUpstream::start(&ns, &format!("{UPSTREAM_SVC_IP}:53"));
+    cluster.set_a(CLUSTER_NAME, CLUSTER_IP.parse().expect("literal"), 30);
+    let node = NsUpstream::start(&ns, &format!("{NODE_RESOLVER}:53"));
+    node.set_a(EXTERNAL_NAME, EXTERNAL_IP.parse().expect("literal"), 30);
+    (ns, cluster, node)
+}
+
+fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("literal IP"), port)
+}
+
+#[test]
+fn the_manifest_as_shipped_serves_in_a_namespace() {
+    require_netns!("the_manifest_as_shipped_serves_in_a_namespace");
+    if !have_tool("the_manifest_as_shipped_serves_in_a_namespace", "iptables") {
+        return;
+    }
+    let text = rendered_manifest("s/__PILLAR__DNS__SERVER__/$kubedns/g");
+    assert!(
+        !text.contains("__PILLAR__DNS__DOMAIN__") && !text.contains("__PILLAR__LOCAL__DNS__"),
+        "the sed recipe leaves install-time placeholders"
+    );
+    let m = manifest(&text);
+    let (ns, cluster, node) = cluster_namespace("deploy");
+
+    // The ConfigMap volume: its Corefile key as Corefile.base (the manifest's `items`).
+    let volume = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("deploy-{}", ns.name));
+    std::fs::create_dir_all(&volume).expect("mkdir");
+    std::fs::write(volume.join("Corefile.base"), &m.corefile).expect("write Corefile.base");
+    let volume_str = volume.to_string_lossy().into_owned();
+    let mut args: Vec<String> = m
+        .args
+        .iter()
+        .map(|a| a.replace("/etc/coredns", &volume_str))
+        .collect();
+    assert!(
+        m.mount_paths.iter().any(|p| p == "/etc/coredns"),
+        "{:?}",
+        m.mount_paths
+    );
+    assert!(
+        args.iter().any(|a| a.contains(&volume_str)),
+        "the args must name the mounted template: {args:?}"
+    );
+    args.extend(["--link-kind".into(), "bridge".into()]);
+    let mut env = m.env.clone();
+    env.extend(kubelet_env());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let envv: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut nd = NsNodedns::start(&ns, &argv, &envv);
+
+    // A cluster name from the cluster DNS (over TCP: the template's force_tcp), on the link-local
+    // IP and on the taken-over kube-dns ClusterIP; an external name from the node's resolver.
+    let r = ns.query(local_dns(), CLUSTER_NAME, RecordType::A);
+    assert_eq!(r.response_code, ResponseCode::NoError, "{r:?}");
+    assert_eq!(a_strings(&r), vec![CLUSTER_IP.to_string()]);
+    assert!(
+        cluster.tcp_queries_for(CLUSTER_NAME) >= 1,
+        "the cluster zone goes over TCP"
+    );
+    let r = ns.query(sa(KUBEDNS, 53), CLUSTER_NAME, RecordType::A);
+    assert_eq!(a_strings(&r), vec![CLUSTER_IP.to_string()]);
+    let r = ns.query(local_dns(), EXTERNAL_NAME, RecordType::A);
+    assert_eq!(a_strings(&r), vec![EXTERNAL_IP.to_string()], "{r:?}");
+    assert_eq!(node.queries(EXTERNAL_NAME), 1);
+    assert_eq!(cluster.queries(EXTERNAL_NAME), 0);
+
+    // The probes, where the manifest points them.
+    let (host, port, path) = &m.ready;
+    assert_eq!(host, LOCAL);
+    wait_http_200(&ns, sa(host, *port), path)
+        .unwrap_or_else(|e| panic!("readiness probe: {e}\nstderr:\n{}", nd.stderr_text()));
+    let (host, port, path) = &m.live;
+    wait_http_200(&ns, sa(host, *port), path)
+        .unwrap_or_else(|e| panic!("liveness probe: {e}\nstderr:\n{}", nd.stderr_text()));
+    // Both IPs got the addon's 12 rules each; the Prometheus port and node-cache's own one answer.
+    assert_eq!(ns.nodedns_rule_count(), 24, "{}", ns.iptables_save());
+    let (code, body) = http_get_in(&ns, sa("127.0.0.1", 9253), "/metrics").expect("9253");
+    assert_eq!(code, 200);
+    assert!(body.contains("nodedns_build_info{"), "{body}");
+    let (code, body) = http_get_in(&ns, sa("127.0.0.1", 9353), "/metrics").expect("9353");
+    assert_eq!(code, 200);
+    assert!(
+        body.contains(r#"coredns_nodecache_setup_errors_total{errortype="iptables"} 0"#),
+        "{body}"
+    );
+    nd.stop();
+    assert_eq!(ns.nodedns_rule_count(), 0, "teardown");
+    let _ = std::fs::remove_dir_all(&volume);
+}
+
+/// The addon's own DaemonSet args start nodedns on the addon's template (mounted here at the
+/// test's path, as the ConfigMap volume would be at /etc/coredns/Corefile.base).
+#[test]
+fn the_addons_daemonset_args_start_nodedns() {
+    require_netns!("the_addons_daemonset_args_start_nodedns");
+    if !have_tool("the_addons_daemonset_args_start_nodedns", "iptables") {
+        return;
+    }
+    let (ns, cluster, node) = cluster_namespace("addonargs");
+    let pidfile = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.pid", ns.name));
+    let _ = std::fs::remove_file(&pidfile);
+    let template = repo("src/config/testdata/addon-template.Corefile");
+    let localip = format!("{LOCALDNS},{KUBEDNS}");
+    let args = [
+        "-localip",
+        &localip,
+        "-conf",
+        "/etc/Corefile",
+        "-upstreamsvc",
+        "kube-dns-upstream",
+        "-pidfile",
+        pidfile.to_str().expect("utf-8 path"),
+        // What the ConfigMap volume provides, and this kernel's link kind.
+        "--basecorefile",
+        template.to_str().expect("utf-8 path"),
+        "--link-kind",
+        "bridge",
+    ];
+    let env = kubelet_env();
+    let envv: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut nd = NsNodedns::start(&ns, &args, &envv);
+    let pid = std::fs::read_to_string(&pidfile).expect("the pidfile is written once bound");
+    assert_eq!(pid.trim(), nd.pid().to_string());
+    let r = ns.query(local_dns(), CLUSTER_NAME, RecordType::A);
+    assert_eq!(a_strings(&r), vec![CLUSTER_IP.to_string()]);
+    assert!(cluster.tcp_queries_for(CLUSTER_NAME) >= 1);
+    let r = ns.query(sa(KUBEDNS, 53), EXTERNAL_NAME, RecordType::A);
+    assert_eq!(a_strings(&r), vec![EXTERNAL_IP.to_string()]);
+    assert_eq!(node.queries(EXTERNAL_NAME), 1);
+    // The template's own `health 169.254.20.10:8080`.
+    wait_http_200(&ns, sa(LOCAL, 8080), "/ready")
+        .unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", nd.stderr_text()));
+    assert_eq!(ns.nodedns_rule_count(), 24, "{}", ns.iptables_save());
+    nd.stop();
+    assert!(!pidfile.exists(), "the pidfile is removed at exit");
+}
+
+/// The addon's args with a wrong flag or value: exit 2 with one line, before any node setup.
+#[test]
+fn the_addons_args_with_a_wrong_flag_exit_2() {
+    let base = [
+        "-localip",
+        "169.254.20.10,10.0.0.10",
+        "-conf",
+        "/nonexistent/Corefile",
+        "-upstreamsvc",
+        "kube-dns-upstream",
+    ];
+    for extra in [
+        &["-bogus"][..],
+        &["-health-port"][..],
+        &["-health-port", "http"][..],
+        &["-localip", "169.254.20.10,"][..],
+        &["-setupiptables=sometimes"][..],
+        &["-syncinterval", "soon"][..],
+        &["-h-e-a-l-t-h"][..],
+    ] {
+        let out = Command::new(crate::harness::bin())
+            .args(base)
+            .args(extra)
+            .env_remove("KUBE_DNS_UPSTREAM_SERVICE_HOST")
+            .output()
+            .expect("run nodedns");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{extra:?}: one line: {stderr}");
+        assert!(out.stdout.is_empty(), "{extra:?}: no help on stdout");
+    }
+}
+
+/// Flags build the zones and the Service variable is missing or malformed: nodedns serves (the
+/// default zone) but `/ready` is 503 naming the variable; with it set, 200.
+#[test]
+fn ready_names_a_missing_or_malformed_service_variable() {
+    require_netns!("ready_names_a_missing_or_malformed_service_variable");
+    let (ns, _cluster, node) = cluster_namespace("svcvar");
+    let health = format!("{LOCAL}:9053");
+    let args = [
+        "--listen",
+        "169.254.20.10:53",
+        "--link-kind",
+        "bridge",
+        "--firewall",
+        "none",
+        "--health-listen",
+        &health,
+        "--metrics-listen",
+        "off",
+        "--metrics-listen-address",
+        "off",
+    ];
+    let cases: [(&[(&str, &str)], Option<&str>); 3] = [
+        (&[], Some("KUBE_DNS_UPSTREAM_SERVICE_HOST is not set")),
+        (
+            &[
+                ("KUBE_DNS_UPSTREAM_SERVICE_HOST", UPSTREAM_SVC_IP),
+                ("KUBE_DNS_UPSTREAM_SERVICE_PORT", "0"),
+            ],
+            Some("KUBE_DNS_UPSTREAM_SERVICE_PORT"),
+        ),
+        (
+            &[
+                ("KUBE_DNS_UPSTREAM_SERVICE_HOST", UPSTREAM_SVC_IP),
+                ("KUBE_DNS_UPSTREAM_SERVICE_PORT", "53"),
+            ],
+            None,
+        ),
+    ];
+    for (env, want) in cases {
+        let mut nd = NsNodedns::start(&ns, &args, env);
+        // It serves from the default zone all the same.
+        let r = ns.query(local_dns(), EXTERNAL_NAME, RecordType::A);
+        assert_eq!(a_strings(&r), vec![EXTERNAL_IP.to_string()]);
+        let addr = sa(LOCAL, 9053);
+        match want {
+            Some(var) => {
+                assert!(nd.wait_log(var, Duration::from_secs(5)), "warned at start");
+                // Once the upstream answered, the variable is all that is missing.
+                let mut last = (0, String::new());
+                let named = poll(Duration::from_secs(10), || {
+                    last = http_get_in(&ns, addr, "/ready").unwrap_or((0, String::new()));
+                    last.0 == 503 && last.1.contains(var) && !last.1.contains("upstream_reachable")
+                });
+                assert!(named, "{env:?}: /ready {last:?}");
+            }
+            None => wait_http_200(&ns, addr, "/ready")
+                .unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", nd.stderr_text())),
+        }
+        nd.stop();
+    }
+    assert!(node.queries(EXTERNAL_NAME) >= 1);
+}
