@@ -60,6 +60,10 @@ impl Recorder for RequestRecorder {
         self.metrics.worker(worker).cache_miss();
     }
 
+    fn rejected(&self, worker: usize) {
+        self.metrics.worker(worker).concurrency_reject();
+    }
+
     fn in_flight(&self, worker: usize, delta: i64) {
         let w = self.metrics.worker(worker);
         if delta > 0 {

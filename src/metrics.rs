@@ -52,6 +52,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::registry::Registry;
 
+pub mod compat;
+
 /// `Content-Type` of [`Metrics::encode`] output (OpenMetrics 1.0 text).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -268,6 +270,8 @@ pub struct WorkerCounters {
     cache_misses: AtomicU64,
     stale_answers: AtomicU64,
     prefetches: AtomicU64,
+    /// Forwards refused at `--max-concurrent` (not on the hit path).
+    concurrency_rejects: AtomicU64,
     /// Signed: a query may start on one worker and finish on another; only the sum matters.
     in_flight: AtomicI64,
 }
@@ -280,6 +284,7 @@ impl WorkerCounters {
             cache_misses: AtomicU64::new(0),
             stale_answers: AtomicU64::new(0),
             prefetches: AtomicU64::new(0),
+            concurrency_rejects: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
         }
     }
@@ -312,6 +317,12 @@ impl WorkerCounters {
     #[inline]
     pub fn prefetch(&self) {
         self.prefetches.fetch_add(1, Relaxed);
+    }
+
+    /// Counts one forward refused at `--max-concurrent`.
+    #[inline]
+    pub fn concurrency_reject(&self) {
+        self.concurrency_rejects.fetch_add(1, Relaxed);
     }
 
     /// A request started; pair with [`WorkerCounters::in_flight_dec`] (on any worker).
@@ -452,6 +463,7 @@ impl Metrics {
         });
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ScrapeCollector(core.clone())));
+        registry.register_collector(Box::new(compat::CompatCollector(core.clone())));
         let m = Metrics { core, registry };
         for &u in upstreams {
             m.upstream_slot(u);
