@@ -452,3 +452,182 @@ fn ready_names_a_missing_or_malformed_service_variable() {
     }
     assert!(node.queries(EXTERNAL_NAME) >= 1);
 }
+
+/// Metric-name-like words of a PromQL expression (`nodedns_*`, `coredns_*`, `process_*`), with
+/// quoted strings (label values) left out.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut unquoted = String::new();
+    let mut in_quote = false;
+    for c in expr.chars() {
+        if c == '"' {
+            in_quote = !in_quote;
+        } else if !in_quote {
+            unquoted.push(c);
+        }
+    }
+    unquoted
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|w| {
+            ["nodedns_", "coredns_", "process_"]
+                .iter()
+                .any(|p| w.starts_with(p))
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// Every `expr` and templating `query` string in the dashboard JSON.
+fn dashboard_queries(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                match (k.as_str(), x) {
+                    ("expr" | "query" | "definition", serde_json::Value::String(s)) => {
+                        out.push(s.clone())
+                    }
+                    _ => dashboard_queries(x, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| dashboard_queries(x, out)),
+        _ => {}
+    }
+}
+
+/// The series names in a Prometheus text exposition: sample names, and for each `# TYPE` the
+/// names its samples can have (`_total`, `_bucket`/`_sum`/`_count`), so a series that has no
+/// sample yet still counts as exported.
+fn exported_names(body: &str, names: &mut std::collections::BTreeSet<String>) {
+    for line in body.lines() {
+        if let Some(t) = line.strip_prefix("# TYPE ") {
+            let mut w = t.split_whitespace();
+            let (Some(name), Some(kind)) = (w.next(), w.next()) else {
+                continue;
+            };
+            names.insert(name.to_string());
+            match kind {
+                "counter" => {
+                    names.insert(format!("{}_total", name.trim_end_matches("_total")));
+                }
+                "histogram" => {
+                    for s in ["_bucket", "_sum", "_count"] {
+                        names.insert(format!("{name}{s}"));
+                    }
+                }
+                _ => {}
+            }
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            names.insert(line[..end].to_string());
+        }
+    }
+}
+
+fn http_get_local(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: nodedns\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+/// The Grafana dashboard parses, and every metric its panels, the alert rules and the variables
+/// query is one the real binary exports on its two metrics ports.
+#[tokio::test]
+async fn dashboard_and_alerts_query_only_exported_metrics() {
+    use crate::fake_upstream::FakeUpstream;
+    use crate::harness::{Nodedns, free_port, query_udp};
+
+    let up = FakeUpstream::start().await;
+    up.set_a("a.example", "192.0.2.1".parse().expect("literal"), 30);
+    let m = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let s = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (ms, ss) = (m.to_string(), s.to_string());
+    let node = Nodedns::with_upstream(
+        &up,
+        &["--metrics-listen", &ms, "--metrics-listen-address", &ss],
+    )
+    .await;
+    query_udp(node.addr, "a.example", RecordType::A, None, false).await;
+    let mut names = std::collections::BTreeSet::new();
+    for addr in [m, s] {
+        let (code, body) = tokio::task::spawn_blocking(move || http_get_local(addr, "/metrics"))
+            .await
+            .expect("join");
+        assert_eq!(code, 200, "{addr}");
+        exported_names(&body, &mut names);
+    }
+    assert!(
+        names.contains("coredns_nodecache_setup_errors_total"),
+        "{names:?}"
+    );
+
+    let text = std::fs::read_to_string(repo("deploy/grafana-dashboard.json")).expect("read");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10, "{} panels", panels.len());
+    let mut queries = Vec::new();
+    for p in panels {
+        let targets = p["targets"].as_array().expect("every panel has targets");
+        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+        let before = queries.len();
+        dashboard_queries(p, &mut queries);
+        assert!(queries.len() > before, "panel {} has no expr", p["title"]);
+    }
+    // Query variables (a datasource variable's `query` is the plugin type, not PromQL).
+    for v in dash["templating"]["list"]
+        .as_array()
+        .expect("templating.list")
+    {
+        if v["type"] == "query" {
+            dashboard_queries(v, &mut queries);
+        }
+    }
+
+    let rules = std::fs::read_to_string(repo("deploy/alerts.yaml")).expect("read alerts");
+    let docs = YamlLoader::load_from_str(&rules).expect("alerts.yaml parses");
+    for g in docs[0]["groups"].as_vec().expect("groups") {
+        for r in g["rules"].as_vec().expect("rules") {
+            queries.push(r["expr"].as_str().expect("expr").to_string());
+        }
+    }
+
+    let mut unknown = Vec::new();
+    for q in &queries {
+        let used = metric_names(q);
+        assert!(!used.is_empty(), "a query names no nodedns metric: {q}");
+        for n in used {
+            if !names.contains(&n) {
+                unknown.push(format!("{n} (in {q})"));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "not exported:\n{}\nexported: {names:?}",
+        unknown.join("\n")
+    );
+    drop(node);
+}
+
+#[test]
+fn metric_names_skip_label_values() {
+    assert_eq!(
+        metric_names(
+            r#"sum(rate(coredns_cache_hits_total{job="nodedns_x"}[5m])) / process_open_fds"#
+        ),
+        vec!["coredns_cache_hits_total", "process_open_fds"]
+    );
+}
