@@ -411,7 +411,8 @@ fn ready_names_a_missing_or_malformed_service_variable() {
         "--metrics-listen-address",
         "off",
     ];
-    let cases: [(&[(&str, &str)], Option<&str>); 3] = [
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Env, Option<&str>); 3] = [
         (&[], Some("KUBE_DNS_UPSTREAM_SERVICE_HOST is not set")),
         (
             &[
