@@ -211,15 +211,15 @@ fn wait_http_200(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(), String>
     }
 }
 
-/// A namespace with the node resolver and the cluster DNS (kube-dns-upstream) as fakes.
-fn cluster_namespace(tag: &str) -> (Netns, NsUpstream, NsUpstream) {
+/// A namespace with the node resolver and the cluster DNS (at `cluster_ip`) as fakes.
+fn cluster_namespace(tag: &str, cluster_ip: &str) -> (Netns, NsUpstream, NsUpstream) {
     let mut ns = Netns::new(tag);
-    for ip in [UPSTREAM_SVC_IP, NODE_RESOLVER] {
+    for ip in [cluster_ip, NODE_RESOLVER] {
         ns.ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"]);
     }
     // dnsPolicy Default: the node's resolv.conf (`ip netns exec` mounts this one over it).
     ns.set_resolv_conf(&format!("nameserver {NODE_RESOLVER}\n"));
-    let cluster = NsUpstream::start(&ns, &format!("{UPSTREAM_SVC_IP}:53"));
+    let cluster = NsUpstream::start(&ns, &format!("{cluster_ip}:53"));
     cluster.set_a(CLUSTER_NAME, CLUSTER_IP.parse().expect("literal"), 30);
     let node = NsUpstream::start(&ns, &format!("{NODE_RESOLVER}:53"));
     node.set_a(EXTERNAL_NAME, EXTERNAL_IP.parse().expect("literal"), 30);
@@ -242,33 +242,8 @@ fn the_manifest_as_shipped_serves_in_a_namespace() {
         "the sed recipe leaves install-time placeholders"
     );
     let m = manifest(&text);
-    let (ns, cluster, node) = cluster_namespace("deploy");
-
-    // The ConfigMap volume: its Corefile key as Corefile.base (the manifest's `items`).
-    let volume = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("deploy-{}", ns.name));
-    std::fs::create_dir_all(&volume).expect("mkdir");
-    std::fs::write(volume.join("Corefile.base"), &m.corefile).expect("write Corefile.base");
-    let volume_str = volume.to_string_lossy().into_owned();
-    let mut args: Vec<String> = m
-        .args
-        .iter()
-        .map(|a| a.replace("/etc/coredns", &volume_str))
-        .collect();
-    assert!(
-        m.mount_paths.iter().any(|p| p == "/etc/coredns"),
-        "{:?}",
-        m.mount_paths
-    );
-    assert!(
-        args.iter().any(|a| a.contains(&volume_str)),
-        "the args must name the mounted template: {args:?}"
-    );
-    args.extend(["--link-kind".into(), "bridge".into()]);
-    let mut env = m.env.clone();
-    env.extend(kubelet_env());
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let envv: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut nd = NsNodedns::start(&ns, &argv, &envv);
+    let (ns, cluster, node) = cluster_namespace("deploy", UPSTREAM_SVC_IP);
+    let (mut nd, volume) = start_from_manifest(&ns, &m);
 
     // A cluster name from the cluster DNS (over TCP: the template's force_tcp), on the link-local
     // IP and on the taken-over kube-dns ClusterIP; an external name from the node's resolver.
@@ -310,6 +285,73 @@ fn the_manifest_as_shipped_serves_in_a_namespace() {
     let _ = std::fs::remove_dir_all(&volume);
 }
 
+/// Starts nodedns in `ns` as the kubelet would run the manifest's container: its args (the
+/// ConfigMap volume's mountPath rewritten to a directory holding the Corefile as Corefile.base, as
+/// the volume's `items` name it), its env plus the Service variables, and `--link-kind bridge`.
+/// Returns the process and the volume directory (remove it at the end).
+fn start_from_manifest(ns: &Netns, m: &Manifest) -> (NsNodedns, PathBuf) {
+    let volume = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("deploy-{}", ns.name));
+    std::fs::create_dir_all(&volume).expect("mkdir");
+    std::fs::write(volume.join("Corefile.base"), &m.corefile).expect("write Corefile.base");
+    let volume_str = volume.to_string_lossy().into_owned();
+    let mut args: Vec<String> = m
+        .args
+        .iter()
+        .map(|a| a.replace("/etc/coredns", &volume_str))
+        .collect();
+    assert!(
+        m.mount_paths.iter().any(|p| p == "/etc/coredns"),
+        "{:?}",
+        m.mount_paths
+    );
+    assert!(
+        args.iter().any(|a| a.contains(&volume_str)),
+        "the args must name the mounted template: {args:?}"
+    );
+    args.extend(["--link-kind".into(), "bridge".into()]);
+    let mut env = m.env.clone();
+    env.extend(kubelet_env());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let envv: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    (NsNodedns::start(ns, &argv, &envv), volume)
+}
+
+/// The README's IPVS recipe: nodedns on the link-local IP only, the cluster zones straight to the
+/// kube-dns IP (which IPVS holds, here an address on lo with the fake cluster DNS behind it).
+#[test]
+fn the_ipvs_recipe_serves_on_the_link_local_ip_only() {
+    require_netns!("the_ipvs_recipe_serves_on_the_link_local_ip_only");
+    if !have_tool(
+        "the_ipvs_recipe_serves_on_the_link_local_ip_only",
+        "iptables",
+    ) {
+        return;
+    }
+    let text = rendered_manifest("s/,__PILLAR__DNS__SERVER__//g");
+    let m = manifest(&text);
+    assert!(
+        m.args.iter().any(|a| a == &format!("-localip={LOCALDNS}")),
+        "{:?}",
+        m.args
+    );
+    let (ns, cluster, node) = cluster_namespace("ipvs", KUBEDNS);
+    let (mut nd, volume) = start_from_manifest(&ns, &m);
+    let r = ns.query(local_dns(), CLUSTER_NAME, RecordType::A);
+    assert_eq!(a_strings(&r), vec![CLUSTER_IP.to_string()], "{r:?}");
+    assert!(cluster.tcp_queries_for(CLUSTER_NAME) >= 1);
+    let r = ns.query(local_dns(), EXTERNAL_NAME, RecordType::A);
+    assert_eq!(a_strings(&r), vec![EXTERNAL_IP.to_string()], "{r:?}");
+    assert_eq!(node.queries(EXTERNAL_NAME), 1);
+    let (host, port, path) = &m.ready;
+    wait_http_200(&ns, sa(host, *port), path)
+        .unwrap_or_else(|e| panic!("readiness probe: {e}\nstderr:\n{}", nd.stderr_text()));
+    // One IP, 12 rules; the kube-dns IP is not nodedns's.
+    assert_eq!(ns.nodedns_rule_count(), 12, "{}", ns.iptables_save());
+    assert!(!ns.addrs_of(crate::netns_e2e::LINK).contains(KUBEDNS));
+    nd.stop();
+    let _ = std::fs::remove_dir_all(&volume);
+}
+
 /// The addon's own DaemonSet args start nodedns on the addon's template (mounted here at the
 /// test's path, as the ConfigMap volume would be at /etc/coredns/Corefile.base).
 #[test]
@@ -318,7 +360,7 @@ fn the_addons_daemonset_args_start_nodedns() {
     if !have_tool("the_addons_daemonset_args_start_nodedns", "iptables") {
         return;
     }
-    let (ns, cluster, node) = cluster_namespace("addonargs");
+    let (ns, cluster, node) = cluster_namespace("addonargs", UPSTREAM_SVC_IP);
     let pidfile = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.pid", ns.name));
     let _ = std::fs::remove_file(&pidfile);
     let template = repo("src/config/testdata/addon-template.Corefile");
@@ -395,7 +437,7 @@ fn the_addons_args_with_a_wrong_flag_exit_2() {
 #[test]
 fn ready_names_a_missing_or_malformed_service_variable() {
     require_netns!("ready_names_a_missing_or_malformed_service_variable");
-    let (ns, _cluster, node) = cluster_namespace("svcvar");
+    let (ns, _cluster, node) = cluster_namespace("svcvar", UPSTREAM_SVC_IP);
     let health = format!("{LOCAL}:9053");
     let args = [
         "--listen",
