@@ -372,3 +372,52 @@ async fn ready_follows_upstream_reachability() {
     let (status, _) = http_get(haddr, "/nope").await;
     assert_eq!(status, 404);
 }
+
+/// `coredns_forward_max_concurrent_rejects_total` counts exactly the forwards refused at
+/// `--max-concurrent`.
+#[tokio::test]
+async fn max_concurrent_refusals_are_counted() {
+    let up = FakeUpstream::start().await;
+    up.set_behavior("slow.example", Behavior::Drop);
+    let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let node = Nodedns::with_upstream(
+        &up,
+        &[
+            "--metrics-listen",
+            &maddr.to_string(),
+            "--max-concurrent",
+            "1",
+            "--query-deadline",
+            "3s",
+        ],
+    )
+    .await;
+    let a = node.addr;
+    // One forward holds the only slot (its upstream never answers) ...
+    let held =
+        tokio::spawn(async move { query_udp(a, "slow.example", RecordType::A, None, false).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.queries("slow.example") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first query never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ... so two other names are refused at once.
+    for name in ["other1.example", "other2.example"] {
+        let r = query_udp(a, name, RecordType::A, None, false).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused, "{name}");
+    }
+    let (_, body) = http_get(maddr, "/metrics").await;
+    assert_eq!(
+        sample(&body, "coredns_forward_max_concurrent_rejects_total"),
+        Some(2.0),
+        "{body}"
+    );
+    assert_eq!(
+        held.await.expect("join").metadata.response_code,
+        ResponseCode::ServFail
+    );
+    drop(node);
+}
