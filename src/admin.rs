@@ -57,6 +57,11 @@ pub struct AdminState {
     upstream_reachable: AtomicBool,
     /// Set at SIGTERM: `/ready` says 503 "draining" from then on while DNS is still served.
     draining: AtomicBool,
+    /// Configuration problems that keep `/ready` at 503 although nodedns serves (a missing
+    /// `<SVC>_SERVICE_HOST`), each naming its cause.
+    config_problems: std::sync::Mutex<Vec<String>>,
+    /// node-cache's own listener: `/metrics` is only the setup-errors counter.
+    setup_only: bool,
 }
 
 impl AdminState {
@@ -72,7 +77,34 @@ impl AdminState {
             setup_done: AtomicBool::new(false),
             upstream_reachable: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            config_problems: std::sync::Mutex::new(Vec::new()),
+            setup_only: false,
         }
+    }
+
+    /// This state for node-cache's own listener (`-metrics-listen-address`): `/metrics` serves
+    /// `coredns_nodecache_setup_errors_total` only, and nothing else is served.
+    pub fn setup_errors_only(metrics: Arc<Metrics>) -> Self {
+        AdminState {
+            setup_only: true,
+            ..AdminState::new(metrics, None)
+        }
+    }
+
+    /// Sets the configuration problems `/ready` names (503 while any is set).
+    pub fn set_config_problems(&self, problems: Vec<String>) {
+        *self
+            .config_problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = problems;
+    }
+
+    /// The configuration problems set by [`AdminState::set_config_problems`].
+    pub fn config_problems(&self) -> Vec<String> {
+        self.config_problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Overrides the liveness probe timeout (default [`DEFAULT_PROBE_TIMEOUT`]).
@@ -250,6 +282,16 @@ async fn route<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>>
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return resp;
     }
+    if state.setup_only {
+        return match req.uri().path() {
+            "/metrics" => response(
+                StatusCode::OK,
+                PROMETHEUS_TEXT_CONTENT_TYPE,
+                state.metrics.encode_nodecache_setup_errors(),
+            ),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        };
+    }
     match req.uri().path() {
         "/metrics" => {
             let accept = req
@@ -282,7 +324,12 @@ async fn route<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>>
             },
         },
         "/ready" => {
-            let missing = state.missing_readiness();
+            let mut missing: Vec<String> = state
+                .missing_readiness()
+                .into_iter()
+                .map(String::from)
+                .collect();
+            missing.extend(state.config_problems());
             if missing.is_empty() {
                 text(StatusCode::OK, "ok\n")
             } else {

@@ -65,6 +65,10 @@ impl Recorder for RequestRecorder {
         self.metrics.worker(worker).cache_miss();
     }
 
+    fn rejected(&self, worker: usize) {
+        self.metrics.worker(worker).concurrency_reject();
+    }
+
     fn in_flight(&self, worker: usize, delta: i64) {
         let w = self.metrics.worker(worker);
         if delta > 0 {
@@ -156,6 +160,10 @@ pub async fn run(
     for what in &config.inert {
         tracing::warn!("accepted but not acted on yet: {what}");
     }
+    for problem in &config.not_ready {
+        tracing::warn!("not ready: {problem}");
+    }
+    admin_state.set_config_problems(config.not_ready.clone());
     for z in &config.zones {
         tracing::info!(zone = %z.name, servers = ?z.servers, transport = ?z.transport, "forwarding");
     }
@@ -214,6 +222,16 @@ pub async fn run(
     };
     tracing::info!(listen = ?listeners.bound, "serving DNS");
     admin_state.set_listeners_bound(true);
+    // The addon's -pidfile: written once the listeners are bound.
+    let pidfile = config.pidfile.as_ref().and_then(|p| {
+        match std::fs::write(p, format!("{}\n", std::process::id())) {
+            Ok(()) => Some(p.clone()),
+            Err(e) => {
+                tracing::warn!(path = %p.display(), error = %e, "cannot write the pidfile");
+                None
+            }
+        }
+    });
 
     // The HTTP endpoints before any rule: a bad --metrics-listen must fail the start before rules
     // are installed, not install and at once remove them.
@@ -236,6 +254,24 @@ pub async fn run(
         }
     }
     let mut admin_tasks = Vec::new();
+    // node-cache's own listener (-metrics-listen-address): the setup-errors counter only. Not
+    // binding it is a warning, never a failed start (an old node-cache may still hold the port
+    // during a surge upgrade, and it carries no DNS).
+    if let Some(addr) = config.setup_metrics_listen {
+        match admin::bind(addr) {
+            Ok(l) => {
+                tracing::info!(%addr, "serving coredns_nodecache_setup_errors_total on /metrics");
+                admin_tasks.push(tokio::spawn(admin::serve(
+                    l,
+                    Arc::new(AdminState::setup_errors_only(metrics.clone())),
+                    stop_rx.clone(),
+                )));
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "cannot bind the setup-errors endpoint (-metrics-listen-address)");
+            }
+        }
+    }
     for (addr, l) in admin_listeners {
         tracing::info!(%addr, "serving /metrics, /health and /ready");
         admin_tasks.push(tokio::spawn(admin::serve(
@@ -342,6 +378,9 @@ pub async fn run(
     node.lock().await.teardown_unless_peer(&config.listen).await;
     for t in admin_tasks {
         let _ = t.await;
+    }
+    if let Some(p) = pidfile {
+        let _ = std::fs::remove_file(p);
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The crate's only `unsafe` code: batched UDP I/O (`recvmmsg`/`sendmmsg` into reusable buffers),
-//! reading the kernel's socket addresses, and registering a shared socket with tokio's reactor. Kept
+//! reading the kernel's socket addresses, registering a shared socket with tokio's reactor, and two
+//! `sysconf` reads for the `process_*` metrics. Kept
 //! in one small module, as quinn keeps its platform socket code in `quinn-udp`, so every `unsafe`
 //! block (each with its SAFETY comment) is reviewed in one place; `lib.rs` denies `unsafe_code`
 //! everywhere else.
@@ -15,6 +16,18 @@ use tokio::io::unix::AsyncFd;
 pub(crate) const BATCH: usize = 32;
 /// Receive buffer per datagram; a longer query is not a query nodedns will answer.
 pub(crate) const RECV_BUF: usize = 4096;
+
+/// Clock ticks per second (`/proc` CPU times are in these), at least 1.
+pub(crate) fn clock_ticks() -> i64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1)
+}
+
+/// The page size in bytes (`/proc/self/statm` counts pages), at least 1.
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64
+}
 
 /// Registers a worker's socket with the current runtime's reactor for readiness.
 pub(crate) fn register_readable(sock: Arc<StdUdpSocket>) -> io::Result<AsyncFd<Arc<StdUdpSocket>>> {

@@ -30,7 +30,7 @@ use model::{CachePolicy, Model, Policy, Sources, Transport, Zone};
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "nodedns",
-    version,
+    version = VERSION_TEXT,
     about,
     max_term_width = 100,
     args_override_self = true
@@ -89,7 +89,13 @@ pub struct Cli {
 
     /// Service whose <NAME>_SERVICE_HOST/_PORT environment variables (set by the kubelet) give the
     /// cluster DNS address, as the addon's -upstreamsvc.
-    #[arg(long, value_name = "NAME", default_value = "kube-dns-upstream")]
+    /// A comma-separated list of IPs (IP[:PORT],...) is used as the cluster DNS itself.
+    #[arg(
+        long,
+        alias = "upstreamsvc",
+        value_name = "NAME|IPS",
+        default_value = "kube-dns-upstream"
+    )]
     pub upstream_svc: String,
 
     /// Lower bound on how long a positive answer is cached.
@@ -179,11 +185,16 @@ pub struct Cli {
 
     /// Create the link --interface and put the listen IPs on it (needs CAP_NET_ADMIN), as the
     /// addon's -setupinterface.
-    #[arg(long, value_name = "BOOL", default_value = "true", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
+    #[arg(long, alias = "setupinterface", value_name = "BOOL", default_value = "true", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
     pub setup_interface: bool,
 
     /// Name of the link that holds the local IPs.
-    #[arg(long, value_name = "NAME", default_value = "nodelocaldns")]
+    #[arg(
+        long,
+        alias = "interfacename",
+        value_name = "NAME",
+        default_value = "nodelocaldns"
+    )]
     pub interface: String,
 
     /// Kind of that link: dummy, or bridge where the kernel has no dummy link type.
@@ -196,7 +207,7 @@ pub struct Cli {
     pub firewall: String,
 
     /// How often the link, addresses and rules are checked and repaired.
-    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, alias = "syncinterval", value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
     pub sync_interval: Duration,
 
     /// After SIGTERM keep serving this long with /ready at 503 ("draining"), then drain the
@@ -205,7 +216,7 @@ pub struct Cli {
     pub shutdown_grace: Duration,
 
     /// Leave the link, addresses and rules in place at exit (for two instances side by side).
-    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
+    #[arg(long, alias = "skipteardown", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
     pub skip_teardown: bool,
 
     /// Log level (error, warn, info, debug, trace, off; or TARGET=LEVEL,...); RUST_LOG overrides it.
@@ -230,9 +241,113 @@ pub struct Cli {
     pub reload_interval: Duration,
 
     /// Address of the /health and /ready endpoints (also serves /metrics); default: the first
-    /// --listen IP, port 8080 (as the addon's health plugin); `off` disables.
+    /// --listen IP, port --health-port; `off` disables.
     #[arg(long, value_name = "ADDR:PORT|off", value_parser = parse_optional_listen)]
     pub health_listen: Option<OptionalAddr>,
+
+    // ---- The addon's (node-cache's and CoreDNS's) own flags, mapped onto the ones above. ----
+    /// The addon's -localip: comma-separated listen IPs (IPv4 and IPv6 may be mixed), each on
+    /// port --dns.port; replaces --listen.
+    #[arg(long, value_name = "IP,IP...", value_parser = parse_ip_list)]
+    pub localip: Option<IpList>,
+
+    /// CoreDNS's -dns.port: the DNS port of the -localip addresses (and of the default --listen).
+    #[arg(long = "dns.port", short = 'p', value_name = "PORT", value_parser = parse_port)]
+    pub dns_port: Option<u16>,
+
+    /// The addon's -corefile (its rendered output): the same as --conf when --conf is absent.
+    #[arg(long, value_name = "FILE")]
+    pub corefile: Option<PathBuf>,
+
+    /// The addon's -setupinterface's sibling: false means --firewall none; true keeps --firewall.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
+    pub setupiptables: Option<bool>,
+
+    /// Port of the health listener (/health, /ready) on the first listen IP, and of the health
+    /// NOTRACK rules; default 9053 (not the addon's 8080, which many hostNetwork agents use).
+    #[arg(long, value_name = "PORT", value_parser = parse_port)]
+    pub health_port: Option<u16>,
+
+    /// node-cache's own listener: /metrics with coredns_nodecache_setup_errors_total; `off`
+    /// disables. `:PORT` means all addresses.
+    #[arg(long, value_name = "ADDR:PORT|off", default_value = "0.0.0.0:9353", value_parser = parse_go_listen)]
+    pub metrics_listen_address: OptionalAddr,
+
+    /// The addon's -prometheus-listen-address (`:9253`): the same as --metrics-listen.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_go_listen)]
+    pub prometheus_listen_address: Option<OptionalAddr>,
+
+    /// Written with nodedns's PID once the DNS listeners are bound (removed at exit).
+    #[arg(long, value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+
+    /// CoreDNS's -quiet: log warnings and errors only (unless --log-level is given).
+    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
+    pub quiet: bool,
+}
+
+/// `nodedns --version`: the crate version and the git commit it was built from (build.rs).
+pub const VERSION_TEXT: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("NODEDNS_GIT_COMMIT"),
+    ")"
+);
+
+/// The git commit nodedns was built from, or `unknown`.
+pub const GIT_COMMIT: &str = env!("NODEDNS_GIT_COMMIT");
+
+/// The health listener's default port (see the README: 8080 clashes on hostNetwork nodes).
+pub const DEFAULT_HEALTH_PORT: u16 = 9053;
+
+/// A `-localip` list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpList(pub Vec<IpAddr>);
+
+/// Parses `IP,IP,...` (IPv4 and IPv6 may be mixed; duplicates dropped).
+pub fn parse_ip_list(s: &str) -> Result<IpList, String> {
+    let mut out = Vec::new();
+    for w in s.split(',').map(str::trim) {
+        let ip: IpAddr = w
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| format!("invalid IP {w:?} in {s:?} (use IP,IP,...)"))?;
+        if ip.is_unspecified() {
+            return Err(format!("invalid IP {w:?}: unspecified address"));
+        }
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(IpList(out))
+}
+
+/// Parses a port 1-65535.
+pub fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(format!("invalid port {s:?} (use 1-65535)")),
+    }
+}
+
+/// Parses Go's listen syntax: `:PORT` (all IPv4 addresses), `IP:PORT`, `[IPv6]:PORT` or `off`.
+pub fn parse_go_listen(s: &str) -> Result<OptionalAddr, String> {
+    match s.trim().strip_prefix(':') {
+        Some(port) => parse_port(port)
+            .map(|p| OptionalAddr(Some(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), p)))),
+        None => parse_optional_listen(s),
+    }
+}
+
+/// A comma-separated server list given in place of a Service name (`-upstreamsvc 10.0.0.10`,
+/// kubernetes/dns#596); `None` when `svc` is a name.
+pub fn upstream_ip_list(svc: &str) -> Option<Result<Vec<SocketAddr>, String>> {
+    let first = svc.trim().chars().next()?;
+    if !(first.is_ascii_digit() || first == '[' || svc.contains(':')) {
+        return None;
+    }
+    Some(svc.split(',').map(parse_server).collect())
 }
 
 /// Flags that a configuration file replaces: given together with `--conf`, an error.
@@ -386,6 +501,13 @@ pub struct Config {
     /// Settings the file gives that are read and validated but do not change behaviour yet, one
     /// phrase each (logged as warnings at start, so none is silently ignored).
     pub inert: Vec<String>,
+    /// Why nodedns is not fully ready although it serves (a missing or malformed
+    /// `<SVC>_SERVICE_HOST`/`_PORT`): warned about at start and named by `/ready` (503).
+    pub not_ready: Vec<String>,
+    /// node-cache's own listener (`-metrics-listen-address`): the setup-errors counter.
+    pub setup_metrics_listen: Option<SocketAddr>,
+    /// Written with the PID once the DNS listeners are bound (`-pidfile`).
+    pub pidfile: Option<PathBuf>,
 }
 
 /// Node setup: the link, its addresses and the packet-filter rules.
@@ -400,27 +522,50 @@ pub struct NodeOptions {
     pub skip_teardown: bool,
 }
 
-/// Parses `30`, `500ms`, `5s`, `1m`, `1h` into a duration.
+/// Parses `30` (bare seconds, as node-cache's `-syncinterval`), `500ms`, `5s`, `1m`, `1h`, and
+/// Go's compound durations (`1m30s`, `1h2m3.5s`, `250us`) into a duration.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (use e.g. 30, 500ms, 5s, 1m)"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {s:?} (use ms, s, m or h)"
-            ));
+    let bad = || format!("invalid duration {s:?} (use e.g. 30, 500ms, 5s, 1m, 1m30s)");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut rest = s;
+    let mut secs = 0.0f64;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        parts += 1;
+        if parts > 8 {
+            return Err(bad());
         }
-    };
+        let split = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(split);
+        let n: f64 = num.parse().map_err(|_| bad())?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_len);
+        let mult = match unit {
+            // A bare number is seconds, alone only (`1m30` is no duration).
+            "" if parts == 1 && next.is_empty() => 1.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "" => return Err(bad()),
+            _ => {
+                return Err(format!(
+                    "invalid duration unit in {s:?} (use ns, us, ms, s, m or h)"
+                ));
+            }
+        };
+        secs += n * mult;
+        rest = next;
+    }
     if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("duration {s:?} is out of range"));
     }
@@ -662,15 +807,17 @@ impl Cli {
         };
         let mut zones: Vec<Zone> = Vec::new();
         // 1. The cluster DNS from the Service environment, for the cluster zones.
-        match service_addr(src, &self.upstream_svc)? {
-            Some(addr) => {
-                for z in [cluster_domain.as_str(), "in-addr.arpa", "ip6.arpa"] {
-                    zones.push(zone(z.into(), vec![addr], "--upstream-svc"));
-                }
-            }
-            None => {
-                let var = format!("{}_SERVICE_HOST", service_env_prefix(&self.upstream_svc));
-                tracing::debug!(%var, "not set; cluster zones follow --forward or the default zone");
+        // A missing or malformed variable is not fatal (see [`Cli::service_problem`]).
+        let cluster = match upstream_ip_list(&self.upstream_svc) {
+            Some(list) => list.ok(),
+            None => service_addr(src, &self.upstream_svc)
+                .ok()
+                .flatten()
+                .map(|a| vec![a]),
+        };
+        if let Some(servers) = cluster {
+            for z in [cluster_domain.as_str(), "in-addr.arpa", "ip6.arpa"] {
+                zones.push(zone(z.into(), servers.clone(), "--upstream-svc"));
             }
         }
         // 2. The default zone: --upstream, else resolv.conf (unless --forward gives `.`).
@@ -737,7 +884,79 @@ impl Cli {
             })
             .map(|id| id.as_str().to_string())
             .collect();
+        cli.apply_addon_flags()
+            .map_err(|m| Cli::command().error(clap::error::ErrorKind::ArgumentConflict, m))?;
         Ok(cli)
+    }
+
+    /// Maps the addon's flags onto nodedns's own (`-localip` → `--listen`, `-corefile` →
+    /// `--conf`, ...); a flag given in both forms with different meanings is an error.
+    fn apply_addon_flags(&mut self) -> Result<(), String> {
+        let both = |a: &str, b: &str| format!("--{a} and --{b} both given: use one");
+        let port = self.dns_port.unwrap_or(53);
+        if let Some(IpList(ips)) = &self.localip {
+            if self.given("listen") {
+                return Err(both("localip", "listen"));
+            }
+            self.listen = ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
+            self.explicit.push("listen".into());
+        } else if self.dns_port.is_some() && !self.given("listen") {
+            for l in &mut self.listen {
+                l.set_port(port);
+            }
+        }
+        if self.conf.is_none() {
+            self.conf = self.corefile.clone();
+        }
+        if self.setupiptables == Some(false) {
+            if self.given("firewall") && self.firewall != "none" {
+                return Err(both("setupiptables=false", "firewall"));
+            }
+            self.firewall = "none".into();
+            self.explicit.push("firewall".into());
+        }
+        if let Some(p) = self.prometheus_listen_address {
+            if self.given("metrics_listen") {
+                return Err(both("prometheus-listen-address", "metrics-listen"));
+            }
+            self.metrics_listen = p;
+            self.explicit.push("metrics_listen".into());
+        }
+        if self.health_port.is_some() && self.given("health_listen") {
+            return Err(both("health-port", "health-listen"));
+        }
+        if self.quiet && !self.given("log_level") {
+            self.log_level = "warn".into();
+        }
+        Ok(())
+    }
+
+    /// What is wrong with the cluster DNS the flags take from `--upstream-svc`: a missing or
+    /// malformed `<SVC>_SERVICE_HOST`/`_PORT` (then the cluster zones follow the default zone), as
+    /// a sentence naming the variable; a bad IP list in `--upstream-svc` is an error.
+    pub fn service_problem(&self, src: &dyn Sources) -> Result<Option<String>, ConfigError> {
+        if let Some(list) = upstream_ip_list(&self.upstream_svc) {
+            return match list {
+                Ok(_) => Ok(None),
+                Err(e) => Err(ConfigError::Invalid(format!("--upstream-svc: {e}"))),
+            };
+        }
+        let covered = model::normalize_zone(&self.cluster_domain)
+            .is_ok_and(|d| self.forward.iter().any(|f| f.zone == d));
+        if covered {
+            return Ok(None);
+        }
+        let host_var = format!("{}_SERVICE_HOST", service_env_prefix(&self.upstream_svc));
+        Ok(match service_addr(src, &self.upstream_svc) {
+            Ok(Some(_)) => None,
+            Ok(None) => Some(format!(
+                "environment variable {host_var} is not set (is the {} Service in this namespace?); the cluster zones go to the default zone's servers",
+                self.upstream_svc
+            )),
+            Err(e) => Some(format!(
+                "{e}; the cluster zones go to the default zone's servers"
+            )),
+        })
     }
 
     fn given(&self, id: &str) -> bool {
@@ -855,17 +1074,24 @@ impl Cli {
         let mut metrics_listen = self.metrics_listen.0;
         let mut health_listen = match self.health_listen {
             Some(OptionalAddr(a)) => a,
-            None => Some(SocketAddr::new(self.listen[0].ip(), 8080)),
+            None => Some(SocketAddr::new(
+                self.listen[0].ip(),
+                self.health_port.unwrap_or(DEFAULT_HEALTH_PORT),
+            )),
         };
         let mut log_queries = self.log_queries;
         let mut reload_interval = self.reload_interval;
         let mut shutdown_grace = self.shutdown_grace;
         let mut inputs = Vec::new();
         let mut inert = Vec::new();
+        let mut not_ready = Vec::new();
         let zones = match file {
             None => {
                 if self.upstream.is_empty() && !self.forward.iter().any(|z| z.zone == ".") {
                     inputs.push(self.resolv_conf.clone());
+                }
+                if let Some(problem) = self.service_problem(src)? {
+                    not_ready.push(problem);
                 }
                 self.flag_zones(src)?
             }
@@ -922,7 +1148,12 @@ impl Cli {
                 if let Some(h) = m.health
                     && !self.given("health_listen")
                 {
-                    health_listen = Some(h.addr);
+                    // --health-port moves the file's health endpoint to that port.
+                    let mut addr = h.addr;
+                    if let Some(p) = self.health_port {
+                        addr.set_port(p);
+                    }
+                    health_listen = Some(addr);
                 }
                 // `health { lameduck D }` is the file's grace; an explicit flag wins, as above. A
                 // `health` without lameduck keeps the flag's default: the addon's Corefile has no
@@ -1004,6 +1235,9 @@ impl Cli {
             return bad("--reload-interval must be at least 100ms".into());
         }
         Ok(Config {
+            not_ready,
+            setup_metrics_listen: self.metrics_listen_address.0,
+            pidfile: self.pidfile.clone(),
             metrics_listen,
             health_listen,
             log_queries,

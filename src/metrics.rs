@@ -52,6 +52,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::registry::Registry;
 
+pub mod compat;
+
 /// `Content-Type` of [`Metrics::encode`] output (OpenMetrics 1.0 text).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -268,6 +270,8 @@ pub struct WorkerCounters {
     cache_misses: AtomicU64,
     stale_answers: AtomicU64,
     prefetches: AtomicU64,
+    /// Forwards refused at `--max-concurrent` (not on the hit path).
+    concurrency_rejects: AtomicU64,
     /// Signed: a query may start on one worker and finish on another; only the sum matters.
     in_flight: AtomicI64,
 }
@@ -280,6 +284,7 @@ impl WorkerCounters {
             cache_misses: AtomicU64::new(0),
             stale_answers: AtomicU64::new(0),
             prefetches: AtomicU64::new(0),
+            concurrency_rejects: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
         }
     }
@@ -312,6 +317,12 @@ impl WorkerCounters {
     #[inline]
     pub fn prefetch(&self) {
         self.prefetches.fetch_add(1, Relaxed);
+    }
+
+    /// Counts one forward refused at `--max-concurrent`.
+    #[inline]
+    pub fn concurrency_reject(&self) {
+        self.concurrency_rejects.fetch_add(1, Relaxed);
     }
 
     /// A request started; pair with [`WorkerCounters::in_flight_dec`] (on any worker).
@@ -452,6 +463,7 @@ impl Metrics {
         });
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ScrapeCollector(core.clone())));
+        registry.register_collector(Box::new(compat::CompatCollector(core.clone())));
         let m = Metrics { core, registry };
         for &u in upstreams {
             m.upstream_slot(u);
@@ -628,6 +640,34 @@ impl Metrics {
         // Writing into a String cannot fail; an error here would be a bug in our collector.
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+
+    /// node-cache's own listener (`-metrics-listen-address`, :9353): only
+    /// `coredns_nodecache_setup_errors_total{errortype}`, node-cache's five label values first
+    /// (`configmap` never counts: a bad ConfigMap is a refused reload,
+    /// `nodedns_reloads_total{result}`), then nodedns's own (`nftables`, `reconcile`). Prometheus
+    /// text format 0.0.4.
+    pub fn encode_nodecache_setup_errors(&self) -> String {
+        use std::fmt::Write;
+        let name = "coredns_nodecache_setup_errors_total";
+        let mut out = format!(
+            "# HELP {name} The number of errors during periodic network setup for node-cache\n# TYPE {name} counter\n"
+        );
+        let errs = &self.core.shared.setup_errors;
+        let v = |k: SetupErrorKind| errs[k as usize].load(Relaxed);
+        let rows = [
+            ("iptables", v(SetupErrorKind::Iptables)),
+            ("iptables_lock", v(SetupErrorKind::IptablesLock)),
+            ("interface_add", v(SetupErrorKind::InterfaceAdd)),
+            ("interface_check", v(SetupErrorKind::InterfaceCheck)),
+            ("configmap", 0),
+            ("nftables", v(SetupErrorKind::Nftables)),
+            ("reconcile", v(SetupErrorKind::Reconcile)),
+        ];
+        for (label, n) in rows {
+            let _ = writeln!(out, "{name}{{errortype=\"{label}\"}} {n}");
         }
         out
     }
@@ -894,9 +934,12 @@ impl Collector for ScrapeCollector {
             }
         }
 
-        // nodedns_build_info{version} 1
+        // nodedns_build_info{version,commit} 1
         enc.encode_descriptor("nodedns_build", "Build information", None, MetricType::Info)?
-            .encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
+            .encode_info(&[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", crate::config::GIT_COMMIT),
+            ])?;
 
         Ok(())
     }
@@ -1088,8 +1131,9 @@ mod tests {
         }
         assert_eq!(
             s(&format!(
-                r#"nodedns_build_info{{version="{}"}}"#,
-                env!("CARGO_PKG_VERSION")
+                r#"nodedns_build_info{{version="{}",commit="{}"}}"#,
+                env!("CARGO_PKG_VERSION"),
+                crate::config::GIT_COMMIT
             )),
             "1"
         );

@@ -87,6 +87,8 @@ pub trait Recorder: Send + Sync {
     fn miss(&self, worker: usize);
     /// A forwarded query started (+1) or finished (-1).
     fn in_flight(&self, worker: usize, delta: i64);
+    /// A forward was refused at the `max_concurrent` limit.
+    fn rejected(&self, _worker: usize) {}
 }
 
 /// Records nothing.
@@ -250,6 +252,7 @@ impl Ctx {
             >= self.max_concurrent.load(Ordering::Relaxed)
         {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.recorder.rejected(worker);
             return false;
         }
         self.recorder.in_flight(worker, 1);

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Parse Prometheus exposition text from stdin with the official Python client.
 
-Usage: prom_parse.py [openmetrics|text] < exposition
+Usage: prom_parse.py [openmetrics|text] [--dump] < exposition
 
 The format defaults to OpenMetrics when the input ends with "# EOF", else the
 classic text format 0.0.4. Exits 0 and prints "<families> <samples>" when the
@@ -41,6 +41,15 @@ def main() -> int:
     if not families:
         print("no metric families parsed", file=sys.stderr)
         return 1
+    if "--dump" in sys.argv[2:]:
+        # One `name{k="v",...} value` line per sample, labels in exposition order, so a test can
+        # read values through this parser instead of its own.
+        for f in families:
+            for smp in f.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in smp.labels.items())
+                name = f"{smp.name}{{{labels}}}" if labels else smp.name
+                print(f"{name} {float(smp.value)}")
+        return 0
     samples = sum(len(f.samples) for f in families)
     print(f"{len(families)} {samples}")
     return 0

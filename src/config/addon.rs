@@ -254,6 +254,22 @@ fn join(servers: &[SocketAddr]) -> String {
 /// The cluster DNS from the kubelet's service variables: `IP`, or `IP:PORT` when the service
 /// port is not 53.
 fn cluster_dns(svc: &str, src: &dyn Sources) -> Result<String, String> {
+    // `-upstreamsvc 10.0.0.10,10.0.0.11`: the servers themselves (kubernetes/dns#596).
+    if let Some(list) = crate::config::upstream_ip_list(svc) {
+        return list.map(|servers| {
+            servers
+                .iter()
+                .map(|a| {
+                    if a.port() == 53 {
+                        a.ip().to_string()
+                    } else {
+                        a.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        });
+    }
     let prefix = service_env_prefix(svc);
     let host_var = format!("{prefix}_SERVICE_HOST");
     let host = src

@@ -107,14 +107,141 @@ fn cluster_dns_from_service_env() {
     assert!(zones.contains(&("in-addr.arpa", "10.96.0.10:53".into())));
     assert!(zones.contains(&("ip6.arpa", "10.96.0.10:53".into())));
     let bad = |k: &str| (k == "KUBE_DNS_UPSTREAM_SERVICE_HOST").then(|| "not-an-ip".to_string());
-    let e = cli(&["--upstream", "127.0.0.1"])
+    // Malformed: served from the default zone, and /ready names the variable.
+    let c = cli(&["--upstream", "127.0.0.1"])
         .unwrap()
         .into_config(bad)
-        .unwrap_err();
+        .unwrap();
+    assert_eq!(c.zones.len(), 1);
     assert!(
-        e.to_string().contains("KUBE_DNS_UPSTREAM_SERVICE_HOST"),
-        "{e}"
+        c.not_ready[0].contains("KUBE_DNS_UPSTREAM_SERVICE_HOST=\"not-an-ip\""),
+        "{:?}",
+        c.not_ready
     );
+    // Missing: the same, unless --forward covers the cluster domain.
+    let c = cli(&["--upstream", "127.0.0.1"])
+        .unwrap()
+        .into_config(no_env)
+        .unwrap();
+    assert!(c.not_ready[0].contains("KUBE_DNS_UPSTREAM_SERVICE_HOST is not set"));
+    let c = cli(&[
+        "--upstream",
+        "127.0.0.1",
+        "--forward",
+        "cluster.local=10.0.0.1",
+    ])
+    .unwrap()
+    .into_config(no_env)
+    .unwrap();
+    assert!(c.not_ready.is_empty(), "{:?}", c.not_ready);
+}
+
+fn go(args: &[&str]) -> Result<Cli, clap::Error> {
+    Cli::parse_args(
+        std::iter::once("nodedns")
+            .chain(args.iter().copied())
+            .map(String::from),
+    )
+}
+
+#[test]
+fn the_addons_flags_map_onto_nodedns_flags() {
+    let c = go(&[
+        "-localip",
+        "169.254.20.10,fd00::10",
+        "-dns.port=5353",
+        "-upstreamsvc",
+        "10.0.0.10,10.0.0.11:5300",
+        "-setupinterface=false",
+        "-setupiptables=false",
+        "-skipteardown",
+        "-interfacename",
+        "nld0",
+        "-syncinterval",
+        "90",
+        "-health-port",
+        "9099",
+        "-prometheus-listen-address",
+        ":9254",
+        "-metrics-listen-address=127.0.0.1:9354",
+        "-pidfile",
+        "/run/x.pid",
+        "-reloadwithsignal",
+        "-quiet",
+        "--resolv-conf",
+        "/dev/null",
+        "--upstream",
+        "127.0.0.1",
+    ])
+    .unwrap();
+    assert_eq!(c.log_level, "warn");
+    let c = c.into_config(no_env).unwrap();
+    assert_eq!(
+        c.listen,
+        vec![
+            "169.254.20.10:5353".parse().unwrap(),
+            "[fd00::10]:5353".parse().unwrap()
+        ]
+    );
+    assert_eq!(c.node.firewall, Some(Backend::None));
+    assert!(!c.node.setup_interface && c.node.skip_teardown);
+    assert_eq!(c.node.interface, "nld0");
+    assert_eq!(c.node.sync_interval, Duration::from_secs(90));
+    assert_eq!(c.health_listen, Some("169.254.20.10:9099".parse().unwrap()));
+    assert_eq!(c.metrics_listen, Some("0.0.0.0:9254".parse().unwrap()));
+    assert_eq!(
+        c.setup_metrics_listen,
+        Some("127.0.0.1:9354".parse().unwrap())
+    );
+    assert_eq!(c.pidfile, Some(PathBuf::from("/run/x.pid")));
+    assert!(c.not_ready.is_empty(), "{:?}", c.not_ready);
+    let cluster = c.zones.iter().find(|z| z.name == "cluster.local").unwrap();
+    assert_eq!(
+        cluster.servers,
+        vec![
+            "10.0.0.10:53".parse().unwrap(),
+            "10.0.0.11:5300".parse().unwrap()
+        ]
+    );
+    // Defaults: the health port is 9053, node-cache's listener 0.0.0.0:9353.
+    let c = go(&["--upstream", "127.0.0.1"])
+        .unwrap()
+        .into_config(no_env)
+        .unwrap();
+    assert_eq!(c.health_listen, Some("169.254.20.10:9053".parse().unwrap()));
+    assert_eq!(
+        c.setup_metrics_listen,
+        Some("0.0.0.0:9353".parse().unwrap())
+    );
+    assert_eq!(c.node.firewall, None);
+    // -corefile stands in for a missing -conf; -setupiptables=true keeps auto.
+    let c = go(&["-corefile", "/etc/Corefile", "-setupiptables"]).unwrap();
+    assert_eq!(c.conf, Some(PathBuf::from("/etc/Corefile")));
+    assert_eq!(c.firewall, "auto");
+    // Conflicting spellings.
+    assert!(go(&["-localip", "10.0.0.1", "--listen", "10.0.0.1:53"]).is_err());
+    assert!(go(&["-health-port", "1", "--health-listen", "off"]).is_err());
+    assert!(
+        go(&[
+            "-prometheus-listen-address",
+            ":1",
+            "--metrics-listen",
+            "off"
+        ])
+        .is_err()
+    );
+    assert!(go(&["-health-port"]).is_err());
+}
+
+#[test]
+fn go_durations() {
+    assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+    assert_eq!(parse_duration("1h2m3s").unwrap(), Duration::from_secs(3723));
+    assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
+    assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    for bad in ["1m3", "s", "1x", "1s1", "--1", "1 s"] {
+        assert!(parse_duration(bad).is_err(), "{bad}");
+    }
 }
 
 #[test]

@@ -121,14 +121,46 @@ fn unknown_log_level_exits_2_naming_the_levels() {
 fn port_zero_upstreams_exit_2() {
     assert_usage_error(&["--upstream", "127.0.0.1:0"]);
     assert_usage_error(&["--upstream", UP, "--forward", "cluster.local=127.0.0.1:0"]);
-    let line = assert_usage_error_env(
-        &["--upstream", UP],
-        &[
-            ("KUBE_DNS_UPSTREAM_SERVICE_HOST", "127.0.0.1"),
-            ("KUBE_DNS_UPSTREAM_SERVICE_PORT", "0"),
-        ],
-    );
-    assert!(line.contains("KUBE_DNS_UPSTREAM_SERVICE_PORT"), "{line}");
+    // A Service port of 0 in the environment is a /ready 503 naming it (tests/integration/deploy.rs),
+    // not a failed start; in --upstream-svc's IP list it is bad input.
+    assert_usage_error(&["--upstream", UP, "--upstream-svc", "127.0.0.1:0"]);
+}
+
+#[test]
+fn addon_flags_exit_2_on_bad_values() {
+    // Unknown in either style, never help (-health-port is no -h).
+    let line = assert_usage_error(&["--upstream", UP, "-bogus", "1"]);
+    assert!(line.contains("bogus"), "{line}");
+    assert_usage_error(&["--upstream", UP, "--bogus"]);
+    assert_usage_error(&["--upstream", UP, "-health-port", "0"]);
+    assert_usage_error(&["--upstream", UP, "-health-port=x"]);
+    assert_usage_error(&["--upstream", UP, "-localip", "169.254.20.10,nope"]);
+    assert_usage_error(&["--upstream", UP, "-dns.port", "70000"]);
+    assert_usage_error(&["--upstream", UP, "-syncinterval", "1m3"]);
+    assert_usage_error(&["--upstream", UP, "-setupiptables=maybe"]);
+    assert_usage_error(&["--upstream", UP, "-metrics-listen-address", "nowhere"]);
+    // Two spellings of one setting that disagree.
+    let line = assert_usage_error(&[
+        "--upstream",
+        UP,
+        "-setupiptables=false",
+        "--firewall",
+        "iptables",
+    ]);
+    assert!(line.contains("setupiptables"), "{line}");
+}
+
+#[test]
+fn version_names_the_commit() {
+    for flag in ["-version", "--version"] {
+        let out = run(&[flag]);
+        assert_eq!(out.status.code(), Some(0), "{flag}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.starts_with("nodedns 0.") && text.contains("(commit "),
+            "{flag}: {text}"
+        );
+    }
 }
 
 #[test]

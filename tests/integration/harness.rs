@@ -104,6 +104,9 @@ pub fn safety_args() -> Vec<&'static str> {
     if help_mentions("--shutdown-grace") {
         v.push("--shutdown-grace=0");
     }
+    if help_mentions("--metrics-listen-address") {
+        v.extend(["--metrics-listen-address", "off"]);
+    }
     // Without --upstream nodedns reads resolv.conf: make that a loopback-only one, so no test can
     // ever send a query off this machine.
     if help_mentions("--resolv-conf") {

@@ -260,8 +260,21 @@ async fn sigterm_turns_ready_to_draining_and_serves_through_the_grace() {
         .parse()
         .unwrap();
     let http_s = http.to_string();
-    let mut node =
-        Nodedns::with_upstream(&up, &["--health-listen", &http_s, "--shutdown-grace", "5s"]).await;
+    // The cluster zone forwarded explicitly: without it (and without the Service variables)
+    // `/ready` says the cluster DNS is missing.
+    let cluster = format!("cluster.local={}", up.addr_str());
+    let mut node = Nodedns::with_upstream(
+        &up,
+        &[
+            "--health-listen",
+            &http_s,
+            "--shutdown-grace",
+            "5s",
+            "--forward",
+            &cluster,
+        ],
+    )
+    .await;
     // Ready first (an upstream answered once the probe ran, or through this query).
     let r = query_udp(node.addr, "q.example.", RecordType::A, None, false).await;
     assert_eq!(r.answers.len(), 1);

@@ -6,6 +6,7 @@ mod cli;
 mod cluster;
 mod config_e2e;
 mod core_e2e;
+mod deploy;
 mod dig;
 mod edge_e2e;
 mod fake_selftest;

@@ -212,6 +212,104 @@ async fn metrics_count_exactly_what_happened() {
     } else {
         println!("SKIP parser check: python3 prometheus_client not installed");
     }
+
+    // The CoreDNS names dashboards and the coredns-mixin alerts query, for the same sequence,
+    // read through the Prometheus project's parser when it is there (else through `sample`).
+    let read = if has_parser {
+        let out = std::process::Command::new("python3")
+            .args([script, "text", "--dump"])
+            .stdin(std::process::Stdio::piped())
+            .output_with_stdin(&body)
+            .expect("run the parser");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    } else {
+        body.clone()
+    };
+    let compat: Vec<(String, f64)> = vec![
+        (
+            r#"coredns_dns_requests_total{proto="udp",type="A"}"#.into(),
+            3.0,
+        ),
+        (
+            r#"coredns_dns_requests_total{proto="tcp",type="A"}"#.into(),
+            1.0,
+        ),
+        (
+            r#"coredns_dns_requests_total{proto="udp",type="AAAA"}"#.into(),
+            2.0,
+        ),
+        // The harness's readiness query (health.nodedns. TXT CH) is the fourth NOERROR.
+        (
+            r#"coredns_dns_requests_total{proto="udp",type="TXT"}"#.into(),
+            1.0,
+        ),
+        (
+            r#"coredns_dns_responses_total{rcode="NOERROR"}"#.into(),
+            4.0,
+        ),
+        (
+            r#"coredns_dns_responses_total{rcode="NXDOMAIN"}"#.into(),
+            2.0,
+        ),
+        (
+            r#"coredns_dns_responses_total{rcode="SERVFAIL"}"#.into(),
+            1.0,
+        ),
+        (r#"coredns_cache_hits_total{type="success"}"#.into(), 2.0),
+        (r#"coredns_cache_hits_total{type="denial"}"#.into(), 1.0),
+        ("coredns_cache_misses_total".into(), 3.0),
+        (r#"coredns_cache_entries{type="success"}"#.into(), 1.0),
+        (r#"coredns_cache_entries{type="denial"}"#.into(), 1.0),
+        (
+            format!(r#"coredns_forward_requests_total{{to="{u}"}}"#),
+            5.0,
+        ),
+        (
+            format!(
+                r#"coredns_proxy_request_duration_seconds_count{{proxy_name="forward",to="{u}"}}"#
+            ),
+            2.0,
+        ),
+        ("coredns_forward_max_concurrent_rejects_total".into(), 0.0),
+        (
+            format!(
+                r#"coredns_build_info{{version="{}",revision="{}"}}"#,
+                env!("CARGO_PKG_VERSION"),
+                nodedns::config::GIT_COMMIT
+            ),
+            1.0,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (series, want) in &compat {
+        let got = sample(&read, series);
+        if got != Some(*want) {
+            wrong.push(format!("{series}: want {want}, got {got:?}"));
+        }
+    }
+    // process_* from /proc: present and plausible (the values are the kernel's, not ours).
+    for (series, min) in [
+        ("process_resident_memory_bytes", 1e6),
+        ("process_open_fds", 5.0),
+        ("process_max_fds", 64.0),
+        ("process_start_time_seconds", 1e9),
+        ("process_cpu_seconds_total", 0.0),
+    ] {
+        match sample(&read, series) {
+            Some(v) if v >= min => {}
+            got => wrong.push(format!("{series}: want >= {min}, got {got:?}")),
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{}\n--- parsed ---\n{read}",
+        wrong.join("\n")
+    );
     drop(node);
 }
 
@@ -240,7 +338,13 @@ async fn ready_follows_upstream_reachability() {
     up.set_behavior(".", Behavior::Drop);
     let hport = free_port();
     let haddr: SocketAddr = format!("127.0.0.1:{hport}").parse().unwrap();
-    let node = Nodedns::with_upstream(&up, &["--health-listen", &haddr.to_string()]).await;
+    // The cluster zone has its servers (no Service variable needed, which /ready would name).
+    let cluster = format!("cluster.local={}", up.addr_str());
+    let node = Nodedns::with_upstream(
+        &up,
+        &["--health-listen", &haddr.to_string(), "--forward", &cluster],
+    )
+    .await;
     let (status, body) = http_get(haddr, "/ready").await;
     assert_eq!(status, 503, "ready before any upstream answered: {body}");
     assert!(
@@ -267,4 +371,53 @@ async fn ready_follows_upstream_reachability() {
     }
     let (status, _) = http_get(haddr, "/nope").await;
     assert_eq!(status, 404);
+}
+
+/// `coredns_forward_max_concurrent_rejects_total` counts exactly the forwards refused at
+/// `--max-concurrent`.
+#[tokio::test]
+async fn max_concurrent_refusals_are_counted() {
+    let up = FakeUpstream::start().await;
+    up.set_behavior("slow.example", Behavior::Drop);
+    let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let node = Nodedns::with_upstream(
+        &up,
+        &[
+            "--metrics-listen",
+            &maddr.to_string(),
+            "--max-concurrent",
+            "1",
+            "--query-deadline",
+            "3s",
+        ],
+    )
+    .await;
+    let a = node.addr;
+    // One forward holds the only slot (its upstream never answers) ...
+    let held =
+        tokio::spawn(async move { query_udp(a, "slow.example", RecordType::A, None, false).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.queries("slow.example") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first query never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ... so two other names are refused at once.
+    for name in ["other1.example", "other2.example"] {
+        let r = query_udp(a, name, RecordType::A, None, false).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused, "{name}");
+    }
+    let (_, body) = http_get(maddr, "/metrics").await;
+    assert_eq!(
+        sample(&body, "coredns_forward_max_concurrent_rejects_total"),
+        Some(2.0),
+        "{body}"
+    );
+    assert_eq!(
+        held.await.expect("join").metadata.response_code,
+        ResponseCode::ServFail
+    );
+    drop(node);
 }
