@@ -19,6 +19,8 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::model::{self, CachePolicy, Policy, Zone};
+use crate::exchange::{self, Candidate, Exchange, ExchangeOptions, Feedback, ReplyMeta};
+use crate::health::{Registry, ServerHealth};
 use crate::wire::{self, Kind, QueryView, Response, TtlPolicy};
 
 /// How long an unused upstream TCP connection is kept.
@@ -70,6 +72,12 @@ pub trait Observer: Send + Sync {
         result: AttemptResult,
         took: Duration,
     );
+
+    /// `server` was marked down (`healthy == false`) or is up again.
+    fn health(&self, _server: SocketAddr, _healthy: bool) {}
+
+    /// A health probe of a server marked down got no reply.
+    fn healthcheck_failure(&self, _server: SocketAddr) {}
 }
 
 /// An observer that ignores everything.
@@ -131,6 +139,21 @@ pub struct Upstreams {
     pools: Vec<TcpPool>,
     opts: Options,
     observer: Arc<dyn Observer>,
+    /// Shared with the generations before and after this one (see [`crate::health`]).
+    registry: Arc<Registry>,
+    /// `health[i]` is `servers[i]`'s.
+    health: Vec<Arc<ServerHealth>>,
+    /// Where probes run: the runtime that built this (the main one), for the reason `TcpPool`'s
+    /// connections do.
+    rt: Option<tokio::runtime::Handle>,
+}
+
+impl Drop for Upstreams {
+    fn drop(&mut self) {
+        for h in &self.health {
+            h.release();
+        }
+    }
 }
 
 /// The store-time TTL policy of a zone's cache settings.
@@ -150,15 +173,19 @@ impl Upstreams {
     /// Builds the routes of `zones`. A zone named twice: the later one wins (flags override the
     /// environment), and only the servers of the zones that remain are dialled, probed and counted.
     pub fn new(zones: &[Zone], opts: Options) -> Result<Upstreams, UpstreamConfigError> {
+        Upstreams::with_health(zones, opts, Registry::new(Instant::now()))
+    }
+
+    /// [`Self::new`] with the health of servers kept in `registry` (a reload passes the running
+    /// generation's, so a kept server keeps its health).
+    pub fn with_health(
+        zones: &[Zone],
+        opts: Options,
+        registry: Arc<Registry>,
+    ) -> Result<Upstreams, UpstreamConfigError> {
         let mut servers: Vec<SocketAddr> = Vec::new();
         let mut routes = HashMap::new();
-        let mut seen = std::collections::HashSet::new();
-        let last_wins: Vec<&Zone> = zones
-            .iter()
-            .rev()
-            .filter(|z| seen.insert(z.name.as_str()))
-            .collect();
-        for z in last_wins.into_iter().rev() {
+        for z in last_wins_zones(zones) {
             let mut idx = Vec::new();
             for s in &z.servers {
                 let i = match servers.iter().position(|x| x == s) {
@@ -194,13 +221,59 @@ impl Upstreams {
             .iter()
             .map(|&s| TcpPool::new(s, rt.clone()))
             .collect();
-        Ok(Upstreams {
+        // A server in several zones takes the strictest settings: the smallest non-zero max_fails
+        // (0 only when every zone turns health checking off) and the shortest probe interval.
+        let health = servers
+            .iter()
+            .map(|&s| {
+                let zones_of = || last_wins_zones(zones).filter(move |z| z.servers.contains(&s));
+                let max_fails = zones_of()
+                    .map(|z| z.forward.max_fails)
+                    .filter(|&m| m > 0)
+                    .min()
+                    .unwrap_or(0);
+                let every = zones_of()
+                    .map(|z| z.forward.health_check)
+                    .min()
+                    .unwrap_or(model::ForwardOptions::default().health_check)
+                    .max(Duration::from_millis(10));
+                let tcp = zones_of().any(|z| z.transport == model::Transport::Tcp);
+                let h = registry.server(s);
+                h.adopt(max_fails, every, tcp);
+                h
+            })
+            .collect();
+        let u = Upstreams {
             routes,
             servers,
             pools,
             opts,
             observer: Arc::new(NoObserver),
-        })
+            registry,
+            health,
+            rt,
+        };
+        Ok(u)
+    }
+
+    /// The health registry, to hand to the next generation.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// Whether `servers()[i]` is marked down.
+    pub fn is_down(&self, i: usize) -> bool {
+        self.health.get(i).is_some_and(|h| h.is_down())
+    }
+
+    /// Starts the probe of every server that is down and has none (a reload that keeps a down
+    /// server whose probe has just stopped with the old generation). Call after `with_observer`.
+    pub fn resume_probes(&self) {
+        for (i, h) in self.health.iter().enumerate() {
+            if h.is_down() {
+                self.start_probe(i);
+            }
+        }
     }
 
     /// Sets who is told about every attempt (metrics). Servers are indexed as in [`Self::servers`].
@@ -210,7 +283,7 @@ impl Upstreams {
     }
 
     /// Asks every server for `. NS` over UDP and says whether any answered within `timeout`
-    /// (the readiness check; what it answers does not matter).
+    /// (the readiness check; what it answers does not matter; health is not touched).
     pub async fn probe(&self, timeout: Duration) -> bool {
         // Header: RD, one question; question: root, NS, IN.
         let question: &[u8] = &[0, 0, 2, 0, 1];
@@ -295,82 +368,133 @@ impl Upstreams {
     }
 
     /// Forwards `view`'s question and returns the first usable reply, trying the zone's servers in
-    /// turn until one answers or the deadline passes.
+    /// the order of its policy until one answers or the deadline passes. The decisions are
+    /// [`Exchange`]'s; this loop only performs its attempts and feeds back health.
     pub async fn resolve(&self, view: &QueryView<'_>) -> Result<Reply, UpstreamError> {
         let (_, route) = self
             .route(view.key.name())
             .ok_or(UpstreamError::NoServers)?;
-        let n = route.servers.len();
-        if n == 0 {
+        if route.servers.is_empty() {
             // An `except` name: not forwarded.
             return Err(UpstreamError::NoServers);
         }
         let start = Instant::now();
-        let deadline = start + self.opts.deadline;
-        let first = match route.order {
-            Policy::RoundRobin => route.next.fetch_add(1, Ordering::Relaxed),
-            Policy::Random => rand::random::<u32>() as usize,
-            Policy::Sequential => 0,
-        };
-        let start_transport = match route.transport {
-            model::Transport::Tcp => Transport::Tcp,
-            model::Transport::Udp | model::Transport::PreferUdp => Transport::Udp,
-        };
-        let mut last_err = AttemptError::Timeout;
-        // A SERVFAIL/REFUSED reply is kept while other servers are tried, and returned if none does
-        // better.
-        let mut fallback: Option<Reply> = None;
+        let order = self.order(route, start);
+        let mut ex = Exchange::new(
+            order,
+            start,
+            ExchangeOptions {
+                attempt_timeout: self.opts.attempt_timeout,
+                deadline: self.opts.deadline,
+                transport: route.transport,
+            },
+        );
         let mut query = Vec::with_capacity(view.question.len() + 32);
-        // Each server twice (at least three tries in all), within the deadline: enough to ride out a
-        // lost datagram, and a bound when servers fail fast (connection refused).
-        let max_attempts = (2 * n).max(3);
-        for attempt in 0..max_attempts {
-            let now = Instant::now();
-            if now >= deadline || (attempt >= n && fallback.is_some()) {
-                break;
-            }
-            let server = route.servers[(first + attempt) % n];
-            let until = (now + self.opts.attempt_timeout).min(deadline);
+        while let Some(a) = ex.poll_attempt(Instant::now()) {
             let id: u16 = rand::random();
             wire::build_upstream_query(view, id, &mut query);
-            let mut transport = start_transport;
-            let mut result = self
-                .exchange(server, transport, &query, id, view.question, until)
+            let result = self
+                .exchange(a.server, a.transport, &query, id, view.question, a.until)
                 .await;
-            if let Ok(bytes) = &result
-                && transport == Transport::Udp
-                && route.transport == model::Transport::PreferUdp
-                && wire::is_truncated(bytes)
-            {
-                self.observe(server, transport, &result, now);
-                // Truncated over UDP: ask the same server over TCP.
-                transport = Transport::Tcp;
-                result = self
-                    .exchange(server, transport, &query, id, view.question, until)
-                    .await;
-            }
-            self.observe(server, transport, &result, now);
-            match result {
+            self.observe(a.server, a.transport, &result, a.started);
+            let now = Instant::now();
+            let feedback = match result {
                 Ok(bytes) => {
-                    let rc = wire::header_rcode(&bytes);
-                    let reply = Reply {
-                        bytes,
-                        sent_id: id,
-                        server,
-                        policy: route.store,
+                    let meta = ReplyMeta {
+                        rcode: wire::header_rcode(&bytes),
+                        truncated: wire::is_truncated(&bytes),
                     };
-                    if (rc == wire::rcode::SERVFAIL || rc == wire::rcode::REFUSED)
-                        && attempt + 1 < n
-                    {
-                        fallback.get_or_insert(reply);
-                        continue;
-                    }
-                    return Ok(reply);
+                    ex.handle_reply(&a, meta, (bytes, id), now)
                 }
-                Err(e) => last_err = e,
+                Err(e) => ex.handle_failure(&a, e, now),
+            };
+            self.feedback(feedback, now);
+        }
+        let chosen = ex.finish()?;
+        let (bytes, sent_id) = chosen.reply;
+        Ok(Reply {
+            bytes,
+            sent_id,
+            server: chosen.server,
+            policy: route.store,
+        })
+    }
+
+    /// The order this query tries the route's servers in.
+    fn order(&self, route: &Route, now: Instant) -> Vec<usize> {
+        let pick = match route.order {
+            Policy::RoundRobin => route.next.fetch_add(1, Ordering::Relaxed),
+            Policy::Random => rand::random::<u32>() as usize,
+            Policy::Sequential | Policy::Fastest => 0,
+        };
+        let cands: Vec<Candidate> = route
+            .servers
+            .iter()
+            .map(|&i| Candidate {
+                server: i,
+                down: self.health[i].is_down(),
+                srtt: if route.order == Policy::Fastest {
+                    self.health[i].srtt(now)
+                } else {
+                    Duration::ZERO
+                },
+            })
+            .collect();
+        exchange::order(route.order, &cands, pick)
+    }
+
+    /// Applies what an attempt said about its server: health, round-trip time, and a probe when
+    /// this failure marked it down.
+    fn feedback(&self, f: Feedback, now: Instant) {
+        let (Some(h), Some(&addr)) = (self.health.get(f.server), self.servers.get(f.server)) else {
+            return;
+        };
+        if f.healthy {
+            if h.record_reply(f.rtt, now) {
+                tracing::info!(upstream = %addr, "upstream answers again; marked up");
+                self.observer.health(addr, true);
+            }
+        } else {
+            if h.record_failure(self.opts.attempt_timeout, now) {
+                tracing::warn!(upstream = %addr, "upstream marked down; probing it");
+                self.observer.health(addr, false);
+            }
+            if h.is_down() {
+                self.start_probe(f.server);
             }
         }
-        fallback.ok_or(UpstreamError::Exhausted(last_err))
+    }
+
+    /// Starts the one probe of `servers()[i]` unless it has one: `. IN NS` every `health_check`
+    /// until it answers, on the main runtime (a UDP worker's runtime stands still while the worker
+    /// blocks in `recvmmsg`). The probe needs only the address and the health state, not this
+    /// generation, so it survives a reload; it stops when no generation uses the server.
+    fn start_probe(&self, i: usize) {
+        let Some(h) = self.health.get(i) else {
+            return;
+        };
+        if h.probing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let rt = match self
+            .rt
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+        {
+            Some(rt) => rt,
+            None => {
+                h.probing.store(false, Ordering::Release);
+                return;
+            }
+        };
+        rt.spawn(probe_loop(
+            h.clone(),
+            self.observer.clone(),
+            self.opts.attempt_timeout,
+        ));
     }
 
     fn observe(
@@ -408,6 +532,96 @@ impl Upstreams {
             Ok(r) => r,
             Err(_) => Err(AttemptError::Timeout),
         }
+    }
+}
+
+/// The zones that count: of a name given twice, the later (flags override the environment).
+fn last_wins_zones(zones: &[Zone]) -> impl Iterator<Item = &Zone> {
+    zones
+        .iter()
+        .enumerate()
+        .filter(move |(i, z)| !zones[i + 1..].iter().any(|later| later.name == z.name))
+        .map(|(_, z)| z)
+}
+
+/// The health probe of one server marked down: `. IN NS` every `health_check`, at most one in
+/// flight (this loop is the server's only prober, see `ServerHealth::probing`), until it answers.
+async fn probe_loop(h: Arc<ServerHealth>, observer: Arc<dyn Observer>, timeout: Duration) {
+    loop {
+        tokio::time::sleep(h.probe_every()).await;
+        // Up again through real traffic (every server down: one is tried anyway), or forgotten by
+        // every configuration: nothing to probe.
+        if h.in_use() && h.is_down() {
+            if probe_once(h.addr, h.probe_tcp(), timeout).await {
+                if h.record_probe_ok() {
+                    tracing::info!(upstream = %h.addr, "upstream answers its health probe; marked up");
+                    observer.health(h.addr, true);
+                }
+            } else {
+                observer.healthcheck_failure(h.addr);
+                continue;
+            }
+        }
+        h.probing.store(false, Ordering::Release);
+        // A failure that came in while this probe was deciding to stop found `probing` set and
+        // started none: take the job back rather than leave a down server unprobed.
+        if !(h.in_use() && h.is_down())
+            || h.probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// One `. IN NS` query to `addr` (the same question as CoreDNS's health check); any matching
+/// reply, whatever its rcode, means the server is alive.
+async fn probe_once(addr: SocketAddr, tcp: bool, timeout: Duration) -> bool {
+    // Header: RD, one question; question: root, NS, IN.
+    let question: &[u8] = &[0, 0, 2, 0, 1];
+    let id: u16 = rand::random();
+    let mut q = Vec::with_capacity(17);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    q.extend_from_slice(question);
+    let fut = async {
+        if tcp {
+            tcp_oneshot(addr, &q, id, question).await
+        } else {
+            udp_exchange(addr, &q, id, question).await
+        }
+    };
+    matches!(tokio::time::timeout(timeout, fut).await, Ok(Ok(_)))
+}
+
+/// One query on its own TCP connection (a probe: the pool's connections are for real traffic and
+/// belong to a generation).
+async fn tcp_oneshot(
+    addr: SocketAddr,
+    query: &[u8],
+    id: u16,
+    question: &[u8],
+) -> Result<Vec<u8>, AttemptError> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| io_to_attempt(&e))?;
+    let mut frame = Vec::with_capacity(query.len() + 2);
+    frame.extend_from_slice(&(query.len() as u16).to_be_bytes());
+    frame.extend_from_slice(query);
+    s.write_all(&frame).await.map_err(|e| io_to_attempt(&e))?;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len)
+        .await
+        .map_err(|e| io_to_attempt(&e))?;
+    let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut msg)
+        .await
+        .map_err(|e| io_to_attempt(&e))?;
+    if matches(&msg, id, question) {
+        Ok(msg)
+    } else {
+        Err(AttemptError::Network)
     }
 }
 
