@@ -141,6 +141,20 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 2000)]
     pub max_concurrent: usize,
 
+    /// Order the servers of a flag-built zone are tried in: random, round_robin, sequential, or
+    /// fastest (lowest smoothed round-trip time first; servers marked down are skipped).
+    #[arg(long, value_name = "POLICY", default_value = "fastest", value_parser = parse_policy)]
+    pub upstream_policy: Policy,
+
+    /// Consecutive failed attempts (timeouts, network errors) before an upstream is marked down
+    /// and skipped until its health probe answers; 0 turns health checking off.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub max_fails: u32,
+
+    /// How often an upstream marked down is probed (`. IN NS`).
+    #[arg(long, value_name = "DUR", default_value = "500ms", value_parser = parse_duration)]
+    pub health_check: Duration,
+
     /// UDP worker threads per listen address (0: one per CPU).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub workers: usize,
@@ -207,7 +221,7 @@ pub struct Cli {
 }
 
 /// Flags that a configuration file replaces: given together with `--conf`, an error.
-const FILE_OWNED_FLAGS: [&str; 10] = [
+const FILE_OWNED_FLAGS: [&str; 13] = [
     "upstream",
     "forward",
     "min_ttl",
@@ -218,6 +232,10 @@ const FILE_OWNED_FLAGS: [&str; 10] = [
     "negative_cache_size",
     "force_tcp",
     "cluster_domain",
+    // A file sets these per zone (`policy`, `max_fails`, `health_check`).
+    "upstream_policy",
+    "max_fails",
+    "health_check",
 ];
 
 /// Go's `flag` syntax: `-conf` means `--conf` (node-cache's DaemonSet args). Any single-dash
@@ -235,6 +253,19 @@ fn go_style(arg: String) -> String {
 /// A listen address that may be turned off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionalAddr(pub Option<SocketAddr>);
+
+/// Parses an upstream policy name (the Corefile's and TOML's spelling).
+pub fn parse_policy(s: &str) -> Result<Policy, String> {
+    match s.trim() {
+        "random" => Ok(Policy::Random),
+        "round_robin" => Ok(Policy::RoundRobin),
+        "sequential" => Ok(Policy::Sequential),
+        "fastest" => Ok(Policy::Fastest),
+        p => Err(format!(
+            "unknown policy {p:?}: use random, round_robin, sequential or fastest"
+        )),
+    }
+}
 
 /// Parses `IP:PORT` or `off`.
 pub fn parse_optional_listen(s: &str) -> Result<OptionalAddr, String> {
@@ -291,11 +322,6 @@ fn inert_settings(m: &Model) -> Vec<String> {
         }
         if z.cache.serve_stale.is_some() {
             what.push("serve_stale");
-        }
-        if z.forward.max_fails != defaults.max_fails
-            || z.forward.health_check != defaults.health_check
-        {
-            what.push("max_fails/health_check (no health checking yet)");
         }
         if z.forward.max_concurrent.is_some() {
             what.push("per-zone max_concurrent (the global --max-concurrent applies)");
@@ -586,8 +612,12 @@ impl Cli {
             } else {
                 Transport::PreferUdp
             },
-            policy: Policy::RoundRobin,
-            forward: Default::default(),
+            policy: self.upstream_policy,
+            forward: model::ForwardOptions {
+                max_fails: self.max_fails,
+                health_check: self.health_check,
+                ..Default::default()
+            },
             cache,
             origin: model::Origin::at(origin, 0),
         };
@@ -914,6 +944,9 @@ impl Cli {
                 "--interface {:?} must be 1 to 15 characters (the kernel's limit)",
                 self.interface
             ));
+        }
+        if self.health_check < Duration::from_millis(10) {
+            return bad("--health-check must be at least 10ms".into());
         }
         if self.sync_interval.is_zero() {
             return bad("--sync-interval must be above zero".into());
