@@ -14,4 +14,5 @@ mod harness;
 mod lifecycle;
 mod metrics_e2e;
 mod netns_e2e;
+mod resilience;
 mod robustness;

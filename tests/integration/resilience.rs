@@ -1,0 +1,206 @@
+//! Upstream resilience end to end: health checking (a dead upstream is marked down, skipped, probed
+//! and readmitted) and the server order of each policy, the real binary against fake upstreams on
+//! loopback. Assertions count the queries each fake sees, never time.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use hickory_proto::rr::RecordType;
+
+use crate::fake_upstream::{Behavior, FakeUpstream};
+use crate::harness::{Nodedns, a_addrs, query_udp, wait_until};
+
+const IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 7);
+/// Names each test may ask (every fake knows them all).
+const NAMES: usize = 80;
+
+fn name(i: usize) -> String {
+    format!("r{i}.example")
+}
+
+async fn fakes(n: usize) -> Vec<FakeUpstream> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let up = FakeUpstream::start().await;
+        for i in 0..NAMES {
+            up.set_a(&name(i), IP, 300);
+        }
+        v.push(up);
+    }
+    v
+}
+
+async fn start(ups: &[&FakeUpstream], extra: &[&str]) -> Nodedns {
+    let mut args = Vec::new();
+    for up in ups {
+        args.push("--upstream".to_string());
+        args.push(up.addr_str());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Nodedns::start(&args).await
+}
+
+/// Queries a fake saw that were not health or readiness probes (`. NS`).
+fn client_queries(up: &FakeUpstream) -> usize {
+    up.total_queries() - up.queries(".")
+}
+
+#[tokio::test]
+async fn resilience_a_dead_upstream_is_skipped_probed_and_readmitted() {
+    let f = fakes(2).await;
+    let (dead, live) = (&f[0], &f[1]);
+    dead.set_default_behavior(Behavior::Drop);
+    // Sequential: without health checking every query would try the dead one first.
+    let node = start(
+        &[dead, live],
+        &[
+            "--upstream-policy",
+            "sequential",
+            "--attempt-timeout",
+            "300ms",
+            "--query-deadline",
+            "3s",
+            "--max-fails",
+            "2",
+            "--health-check",
+            "100ms",
+        ],
+    )
+    .await;
+
+    // The first two queries time out on the dead one, then the live one answers.
+    for i in 0..2 {
+        let r = query_udp(node.addr, &name(i), RecordType::A, None, false).await;
+        assert_eq!(a_addrs(&r), vec![IP], "{}", name(i));
+        assert_eq!(dead.queries(&name(i)), 1);
+    }
+    // Marked down: no client query waits for it any more.
+    for i in 2..22 {
+        let r = query_udp(node.addr, &name(i), RecordType::A, None, false).await;
+        assert_eq!(a_addrs(&r), vec![IP], "{}", name(i));
+        assert_eq!(live.queries(&name(i)), 1);
+    }
+    assert_eq!(
+        client_queries(dead),
+        2,
+        "after it was marked down the dead upstream must see only probes"
+    );
+    // It is probed (`. NS`, every 100 ms); the readiness probe at start was one already.
+    let probes = dead.queries(".");
+    assert!(
+        wait_until(Duration::from_secs(10), || dead.queries(".") >= probes + 2).await,
+        "the dead upstream is not probed (saw {} root queries)",
+        dead.queries(".")
+    );
+    assert_eq!(client_queries(dead), 2, "probes only");
+
+    // It answers again: the next probe marks it up, and (sequential) it takes queries again.
+    dead.set_default_behavior(Behavior::Normal);
+    let mut back = None;
+    for i in 22..NAMES {
+        let r = query_udp(node.addr, &name(i), RecordType::A, None, false).await;
+        assert_eq!(a_addrs(&r), vec![IP], "{}", name(i));
+        if dead.queries(&name(i)) == 1 {
+            back = Some(i);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = back.expect("the revived upstream never took a query again");
+    for i in back + 1..(back + 4).min(NAMES) {
+        query_udp(node.addr, &name(i), RecordType::A, None, false).await;
+        assert_eq!(dead.queries(&name(i)), 1, "up again: first in order");
+        assert_eq!(live.queries(&name(i)), 0);
+    }
+}
+
+#[tokio::test]
+async fn resilience_max_fails_zero_keeps_trying_the_dead_upstream() {
+    let f = fakes(2).await;
+    let (dead, live) = (&f[0], &f[1]);
+    dead.set_default_behavior(Behavior::Drop);
+    let node = start(
+        &[dead, live],
+        &[
+            "--upstream-policy",
+            "sequential",
+            "--attempt-timeout",
+            "200ms",
+            "--max-fails",
+            "0",
+            "--health-check",
+            "50ms",
+        ],
+    )
+    .await;
+    for i in 0..4 {
+        let r = query_udp(node.addr, &name(i), RecordType::A, None, false).await;
+        assert_eq!(a_addrs(&r), vec![IP]);
+    }
+    assert_eq!(
+        client_queries(dead),
+        4,
+        "health checking off: never skipped"
+    );
+}
+
+#[tokio::test]
+async fn resilience_sequential_always_asks_the_first() {
+    let f = fakes(3).await;
+    let node = start(&[&f[0], &f[1], &f[2]], &["--upstream-policy", "sequential"]).await;
+    for i in 0..10 {
+        query_udp(node.addr, &name(i), RecordType::A, None, false).await;
+    }
+    let seen: Vec<usize> = f.iter().map(client_queries).collect();
+    assert_eq!(seen, vec![10, 0, 0]);
+}
+
+#[tokio::test]
+async fn resilience_round_robin_spreads() {
+    let f = fakes(3).await;
+    let node = start(
+        &[&f[0], &f[1], &f[2]],
+        &["--upstream-policy", "round_robin"],
+    )
+    .await;
+    for i in 0..9 {
+        query_udp(node.addr, &name(i), RecordType::A, None, false).await;
+    }
+    let seen: Vec<usize> = f.iter().map(client_queries).collect();
+    assert_eq!(seen, vec![3, 3, 3], "one first attempt each in turn");
+}
+
+#[tokio::test]
+async fn resilience_random_spreads() {
+    let f = fakes(3).await;
+    let node = start(&[&f[0], &f[1], &f[2]], &["--upstream-policy", "random"]).await;
+    for i in 0..30 {
+        query_udp(node.addr, &name(i), RecordType::A, None, false).await;
+    }
+    let seen: Vec<usize> = f.iter().map(client_queries).collect();
+    assert_eq!(seen.iter().sum::<usize>(), 30);
+    // All 30 on one of three servers: odds 3 × 3^-30.
+    assert!(
+        seen.iter().filter(|&&n| n > 0).count() >= 2,
+        "random must not stick to one server: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn resilience_fastest_prefers_the_fast_one_and_is_the_default() {
+    let f = fakes(3).await;
+    f[0].set_default_behavior(Behavior::Delay(40));
+    f[1].set_default_behavior(Behavior::Delay(40));
+    // No --upstream-policy: fastest is the default for flag-built zones.
+    let node = start(&[&f[0], &f[1], &f[2]], &[]).await;
+    for i in 0..20 {
+        query_udp(node.addr, &name(i), RecordType::A, None, false).await;
+    }
+    let seen: Vec<usize> = f.iter().map(client_queries).collect();
+    assert_eq!(seen.iter().sum::<usize>(), 20);
+    // Each slow one is tried at most once (never measured counts as fastest), then never again.
+    assert!(
+        seen[2] >= 18,
+        "fastest must send the rest to the fast server: {seen:?}"
+    );
+}
