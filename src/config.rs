@@ -323,9 +323,6 @@ fn inert_settings(m: &Model) -> Vec<String> {
         if z.cache.serve_stale.is_some() {
             what.push("serve_stale");
         }
-        if z.forward.max_concurrent.is_some() {
-            what.push("per-zone max_concurrent (the global --max-concurrent applies)");
-        }
         if z.forward.expire != defaults.expire {
             what.push("expire (pooled TCP connections close after 10 s idle)");
         }

@@ -182,6 +182,10 @@ impl Ctx {
         out: &mut Vec<u8>,
     ) -> Option<Answered> {
         let view = wire::scan_query(packet).ok()?;
+        // The zone's own `max_concurrent` (issue 12): past it REFUSED, before any upstream sees it.
+        let Some(_zone_slot) = self.upstreams().admit(&view) else {
+            return Some(self.handler.fail(&view, rcode::REFUSED, out));
+        };
         let result = self.fetch(&view).await;
         let now = Instant::now();
         Some(match result {

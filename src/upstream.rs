@@ -121,6 +121,20 @@ struct Route {
     transport: model::Transport,
     order: Policy,
     store: TtlPolicy,
+    /// The zone's `max_concurrent` and its queries in flight (see [`Upstreams::admit`]).
+    max_concurrent: Option<usize>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// A slot among a zone's forwarded queries in flight; released on drop.
+pub struct ZonePermit(Option<Arc<AtomicUsize>>);
+
+impl Drop for ZonePermit {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Why a zone table cannot be built.
@@ -210,6 +224,8 @@ impl Upstreams {
                     transport: z.transport,
                     order: z.policy,
                     store: ttl_policy(&z.cache),
+                    max_concurrent: z.forward.max_concurrent,
+                    in_flight: Arc::default(),
                 },
             );
         }
@@ -365,6 +381,23 @@ impl Upstreams {
             Kind::ServFail => secs <= p.servfail_ttl.as_secs(),
             Kind::Uncacheable => false,
         }
+    }
+
+    /// Reserves a slot for `view` among its zone's forwarded queries, or `None` when the zone's
+    /// `max_concurrent` is reached: the client gets REFUSED, as from CoreDNS's `forward`. Nothing
+    /// went upstream, so it is no health failure. A zone without the setting costs no atomic.
+    pub fn admit(&self, view: &QueryView<'_>) -> Option<ZonePermit> {
+        let Some((_, route)) = self.route(view.key.name()) else {
+            return Some(ZonePermit(None));
+        };
+        let Some(max) = route.max_concurrent else {
+            return Some(ZonePermit(None));
+        };
+        if route.in_flight.fetch_add(1, Ordering::AcqRel) >= max {
+            route.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ZonePermit(Some(route.in_flight.clone())))
     }
 
     /// Forwards `view`'s question and returns the first usable reply, trying the zone's servers in

@@ -204,3 +204,60 @@ async fn resilience_fastest_prefers_the_fast_one_and_is_the_default() {
         "fastest must send the rest to the fast server: {seen:?}"
     );
 }
+
+fn tmpdir(label: &str) -> std::path::PathBuf {
+    let d = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create the test's directory");
+    d
+}
+
+/// Starts nodedns on a TOML file with one zone `.` to `up` and `zone_extra` lines in it.
+async fn start_toml(label: &str, up: &FakeUpstream, zone_extra: &str, flags: &[&str]) -> Nodedns {
+    let dir = tmpdir(label);
+    let conf = dir.join("nodedns.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[zone]]\nname = \".\"\nservers = [\"{}\"]\n{zone_extra}\n",
+            up.addr
+        ),
+    )
+    .expect("write the config");
+    let mut args = vec!["--conf".to_string(), conf.display().to_string()];
+    args.extend(flags.iter().map(|s| s.to_string()));
+    Nodedns::start(&args).await
+}
+
+#[tokio::test]
+async fn resilience_zone_max_concurrent_refuses_past_the_limit() {
+    let f = fakes(1).await;
+    let up = &f[0];
+    up.set_default_behavior(Behavior::Delay(500));
+    let node = start_toml("zone-max-concurrent", up, "max_concurrent = 1", &[]).await;
+    // Two misses at once: one is forwarded, the other is REFUSED without reaching upstream (the
+    // first is held for 500 ms, a generous window for the second to arrive in).
+    let (n0, n1) = (name(0), name(1));
+    let (a, b) = tokio::join!(
+        query_udp(node.addr, &n0, RecordType::A, None, false),
+        query_udp(node.addr, &n1, RecordType::A, None, false),
+    );
+    let mut rcodes = vec![a.response_code, b.response_code];
+    rcodes.sort_by_key(|r| u16::from(*r));
+    assert_eq!(
+        rcodes,
+        vec![
+            hickory_proto::op::ResponseCode::NoError,
+            hickory_proto::op::ResponseCode::Refused
+        ]
+    );
+    assert_eq!(
+        client_queries(up),
+        1,
+        "the refused query never went upstream"
+    );
+    // The slot is released with the answer.
+    let r = query_udp(node.addr, &name(2), RecordType::A, None, false).await;
+    assert_eq!(a_addrs(&r), vec![IP]);
+}
