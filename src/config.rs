@@ -151,6 +151,11 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub max_fails: u32,
 
+    /// Pipelined TCP connections per upstream server (each closed after its zone's `expire`, 10s
+    /// for flag-built zones, so kube-proxy spreads them over the cluster DNS pods).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub tcp_pool_size: usize,
+
     /// How often an upstream marked down is probed (`. IN NS`).
     #[arg(long, value_name = "DUR", default_value = "500ms", value_parser = parse_duration)]
     pub health_check: Duration,
@@ -314,7 +319,6 @@ impl Config {
 /// What in `m` is accepted but not acted on yet (see [`Config::inert`]).
 fn inert_settings(m: &Model) -> Vec<String> {
     let mut out = Vec::new();
-    let defaults = model::ForwardOptions::default();
     for z in &m.zones {
         let mut what = Vec::new();
         if z.cache.prefetch.is_some() {
@@ -322,9 +326,6 @@ fn inert_settings(m: &Model) -> Vec<String> {
         }
         if z.cache.serve_stale.is_some() {
             what.push("serve_stale");
-        }
-        if z.forward.expire != defaults.expire {
-            what.push("expire (pooled TCP connections close after 10 s idle)");
         }
         if !what.is_empty() {
             out.push(format!(
@@ -942,6 +943,9 @@ impl Cli {
                 self.interface
             ));
         }
+        if !(1..=64).contains(&self.tcp_pool_size) {
+            return bad("--tcp-pool-size must be 1 to 64".into());
+        }
         if self.health_check < Duration::from_millis(10) {
             return bad("--health-check must be at least 10ms".into());
         }
@@ -972,6 +976,7 @@ impl Cli {
             upstream: upstream::Options {
                 attempt_timeout: self.attempt_timeout,
                 deadline: self.query_deadline,
+                tcp_pool_size: self.tcp_pool_size,
             },
             server: crate::server::Options {
                 listen,

@@ -23,8 +23,6 @@ use crate::exchange::{self, Candidate, Exchange, ExchangeOptions, Feedback, Repl
 use crate::health::{Registry, ServerHealth};
 use crate::wire::{self, Kind, QueryView, Response, TtlPolicy};
 
-/// How long an unused upstream TCP connection is kept.
-const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Queries waiting to be written on one upstream connection.
 const TCP_QUEUE: usize = 1024;
 
@@ -91,6 +89,8 @@ impl Observer for NoObserver {
 pub struct Options {
     pub attempt_timeout: Duration,
     pub deadline: Duration,
+    /// Pipelined TCP connections per server (`--tcp-pool-size`).
+    pub tcp_pool_size: usize,
 }
 
 impl Default for Options {
@@ -98,6 +98,7 @@ impl Default for Options {
         Options {
             attempt_timeout: Duration::from_secs(2),
             deadline: Duration::from_secs(5),
+            tcp_pool_size: 2,
         }
     }
 }
@@ -233,9 +234,18 @@ impl Upstreams {
         // UDP worker dials first: a worker's runtime stands still while the worker blocks in
         // `recvmmsg`, and a connection shared by all workers must keep reading meanwhile.
         let rt = tokio::runtime::Handle::try_current().ok();
+        // A server's connections live as long as the shortest `expire` of the zones using it.
         let pools = servers
             .iter()
-            .map(|&s| TcpPool::new(s, rt.clone()))
+            .map(|&s| {
+                let expire = last_wins_zones(zones)
+                    .filter(|z| z.servers.contains(&s))
+                    .map(|z| z.forward.expire)
+                    .min()
+                    .unwrap_or(model::ForwardOptions::default().expire)
+                    .max(Duration::from_millis(10));
+                TcpPool::new(s, rt.clone(), opts.tcp_pool_size, expire)
+            })
             .collect();
         // A server in several zones takes the strictest settings: the smallest non-zero max_fails
         // (0 only when every zone turns health checking off) and the shortest probe interval.
@@ -761,40 +771,72 @@ struct TcpConn {
     tx: mpsc::Sender<Vec<u8>>,
     pending: Pending,
     closed: Arc<AtomicBool>,
+    /// No new query after this (see [`TcpPool`]).
+    end: Instant,
 }
 
-/// The (at most one live) TCP connection to a server, re-dialled when it dies.
+impl TcpConn {
+    fn usable(&self, now: Instant) -> bool {
+        // `tx` closed: the connection's tasks are gone (their runtime has ended).
+        !self.closed.load(Ordering::Acquire) && !self.tx.is_closed() && now < self.end
+    }
+}
+
+/// How one query on a pooled connection failed.
+enum ConnError {
+    /// The connection died before the reply (reset, closed, expired under the query): the query
+    /// may be retried on another connection.
+    Lost,
+    Failed(AttemptError),
+}
+
+/// The TCP connections to one server: up to `size` pipelined connections, used in turn and each
+/// closed once `expire` has passed since it was dialled (at once if idle, else when its last reply
+/// is in), so behind a Service kube-proxy spreads them over the cluster DNS pods instead of pinning
+/// a node to one pod forever. A connection that dies is re-dialled in its slot, and a query it lost
+/// is retried once on a live one.
 struct TcpPool {
     addr: SocketAddr,
-    /// Where the connection's tasks (and its socket's reactor) live; the caller's runtime if none.
+    /// Where the connections' tasks (and their sockets' reactor) live; the caller's runtime if none.
     rt: Option<tokio::runtime::Handle>,
-    conn: tokio::sync::Mutex<Option<Arc<TcpConn>>>,
+    expire: Duration,
+    slots: Vec<tokio::sync::Mutex<Option<Arc<TcpConn>>>>,
+    next: AtomicUsize,
 }
 
 impl TcpPool {
-    fn new(addr: SocketAddr, rt: Option<tokio::runtime::Handle>) -> TcpPool {
+    fn new(
+        addr: SocketAddr,
+        rt: Option<tokio::runtime::Handle>,
+        size: usize,
+        expire: Duration,
+    ) -> TcpPool {
         TcpPool {
             addr,
             rt,
-            conn: tokio::sync::Mutex::new(None),
+            expire,
+            slots: (0..size.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next: AtomicUsize::new(0),
         }
     }
 
+    /// A usable connection: the next slot's, dialled when it has none or its one is spent.
     async fn get(&self) -> Result<Arc<TcpConn>, AttemptError> {
-        let mut slot = self.conn.lock().await;
-        // `tx` closed: the connection's tasks are gone (their runtime has ended).
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let mut slot = self.slots[i].lock().await;
         if let Some(c) = slot.as_ref()
-            && !c.closed.load(Ordering::Acquire)
-            && !c.tx.is_closed()
+            && c.usable(Instant::now())
         {
             return Ok(c.clone());
         }
         let c = match &self.rt {
             Some(rt) => rt
-                .spawn(TcpConn::dial(self.addr))
+                .spawn(TcpConn::dial(self.addr, self.expire))
                 .await
                 .map_err(|_| AttemptError::Network)??,
-            None => TcpConn::dial(self.addr).await?,
+            None => TcpConn::dial(self.addr, self.expire).await?,
         };
         let c = Arc::new(c);
         *slot = Some(c.clone());
@@ -802,17 +844,36 @@ impl TcpPool {
     }
 
     /// Sends `query` and waits for the reply. The query's ID is rewritten if another query on the
-    /// same connection already uses it.
+    /// same connection already uses it. A connection lost under the query costs one retry on
+    /// another, within the caller's timeout.
     async fn exchange(&self, query: &[u8], question: &[u8]) -> Result<Vec<u8>, AttemptError> {
-        let conn = self.get().await?;
+        for _ in 0..2 {
+            let conn = self.get().await?;
+            match Self::exchange_on(&conn, query, question).await {
+                Ok(r) => return Ok(r),
+                Err(ConnError::Failed(e)) => return Err(e),
+                Err(ConnError::Lost) => {}
+            }
+        }
+        Err(AttemptError::Network)
+    }
+
+    async fn exchange_on(
+        conn: &TcpConn,
+        query: &[u8],
+        question: &[u8],
+    ) -> Result<Vec<u8>, ConnError> {
         let (tx, rx) = oneshot::channel();
         let mut frame = Vec::with_capacity(query.len() + 2);
         frame.extend_from_slice(&(query.len() as u16).to_be_bytes());
         frame.extend_from_slice(query);
         let id = {
-            let mut pending = conn.pending.lock().map_err(|_| AttemptError::Network)?;
+            let mut pending = conn
+                .pending
+                .lock()
+                .map_err(|_| ConnError::Failed(AttemptError::Network))?;
             let id = free_id(&pending, u16::from_be_bytes([query[0], query[1]]))
-                .ok_or(AttemptError::Network)?;
+                .ok_or(ConnError::Failed(AttemptError::Network))?;
             pending.insert(id, tx);
             id
         };
@@ -822,12 +883,13 @@ impl TcpPool {
             id,
         };
         if conn.tx.send(frame).await.is_err() {
-            return Err(AttemptError::Network);
+            return Err(ConnError::Lost);
         }
-        let reply = rx.await.map_err(|_| AttemptError::Network)?;
+        // The sender is dropped when the reader ends: the connection died (or expired) first.
+        let reply = rx.await.map_err(|_| ConnError::Lost)?;
         drop(guard);
         if !matches(&reply, id, question) {
-            return Err(AttemptError::Network);
+            return Err(ConnError::Failed(AttemptError::Network));
         }
         // Give the caller back its own ID so it validates as usual.
         let mut reply = reply;
@@ -851,7 +913,8 @@ impl Drop for PendingGuard<'_> {
 }
 
 impl TcpConn {
-    async fn dial(addr: SocketAddr) -> Result<TcpConn, AttemptError> {
+    async fn dial(addr: SocketAddr, expire: Duration) -> Result<TcpConn, AttemptError> {
+        let end = Instant::now() + expire;
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| io_to_attempt(&e))?;
@@ -860,10 +923,19 @@ impl TcpConn {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
+        // The reader's end closes the write side too, so the server sees the connection go (a
+        // write half left open would keep it half-alive on both ends until the pool drops it).
+        let reader_done = Arc::new(tokio::sync::Notify::new());
 
         let closed_w = closed.clone();
+        let done_w = reader_done.clone();
         tokio::spawn(async move {
-            while let Some(frame) = rx.recv().await {
+            loop {
+                let frame = tokio::select! {
+                    f = rx.recv() => f,
+                    _ = done_w.notified() => None,
+                };
+                let Some(frame) = frame else { break };
                 if wr.write_all(&frame).await.is_err() {
                     break;
                 }
@@ -880,9 +952,14 @@ impl TcpConn {
                 let idle = pending_r.lock().map(|p| p.is_empty()).unwrap_or(true);
                 let read = rd.read_exact(&mut len);
                 let r = if idle {
-                    // Idle for long enough: close. A waiter that registered just now gets an error
-                    // and retries on a fresh connection; a half-read length is never resumed.
-                    match tokio::time::timeout(TCP_IDLE, read).await {
+                    // Idle and spent (`expire` since the dial): close; idle, wait for a reply at
+                    // most until then. A waiter that registered just now loses its query and
+                    // retries it on another connection; a half-read length is never resumed.
+                    let now = Instant::now();
+                    if now >= end {
+                        break;
+                    }
+                    match tokio::time::timeout_at(end.into(), read).await {
                         Ok(r) => r,
                         Err(_) => break,
                     }
@@ -904,6 +981,7 @@ impl TcpConn {
                 }
             }
             closed_r.store(true, Ordering::Release);
+            reader_done.notify_one();
             // Dropping the senders wakes every waiter with an error; they retry elsewhere.
             if let Ok(mut p) = pending_r.lock() {
                 p.clear();
@@ -913,6 +991,7 @@ impl TcpConn {
             tx,
             pending,
             closed,
+            end,
         })
     }
 }

@@ -261,3 +261,45 @@ async fn resilience_zone_max_concurrent_refuses_past_the_limit() {
     let r = query_udp(node.addr, &name(2), RecordType::A, None, false).await;
     assert_eq!(a_addrs(&r), vec![IP]);
 }
+
+#[tokio::test]
+async fn resilience_tcp_pool_uses_its_size_in_connections() {
+    let f = fakes(1).await;
+    let up = &f[0];
+    let node = start(&[up], &["--force-tcp", "--tcp-pool-size", "2"]).await;
+    for i in 0..10 {
+        let r = query_udp(node.addr, &name(i), RecordType::A, None, false).await;
+        assert_eq!(a_addrs(&r), vec![IP]);
+    }
+    assert_eq!(up.tcp_queries(), up.total_queries(), "--force-tcp");
+    assert_eq!(
+        up.tcp_connections(),
+        2,
+        "two pipelined connections, used in turn and kept"
+    );
+}
+
+#[tokio::test]
+async fn resilience_tcp_connections_expire() {
+    let f = fakes(1).await;
+    let up = &f[0];
+    let node = start_toml(
+        "tcp-expire",
+        up,
+        "transport = \"tcp\"\nexpire = \"300ms\"",
+        &["--tcp-pool-size", "1"],
+    )
+    .await;
+    let r = query_udp(node.addr, &name(0), RecordType::A, None, false).await;
+    assert_eq!(a_addrs(&r), vec![IP]);
+    let before = up.tcp_connections();
+    // The subject is a lifetime, so time must pass: twice `expire`.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = query_udp(node.addr, &name(1), RecordType::A, None, false).await;
+    assert_eq!(a_addrs(&r), vec![IP]);
+    assert_eq!(
+        up.tcp_connections(),
+        before + 1,
+        "a connection older than the zone's expire is replaced"
+    );
+}
