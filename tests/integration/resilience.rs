@@ -303,3 +303,57 @@ async fn resilience_tcp_connections_expire() {
         "a connection older than the zone's expire is replaced"
     );
 }
+
+#[tokio::test]
+async fn resilience_a_reload_keeps_health() {
+    let f = fakes(2).await;
+    let (dead, live) = (&f[0], &f[1]);
+    dead.set_default_behavior(Behavior::Drop);
+    let node = start(
+        &[dead, live],
+        &[
+            "--upstream-policy",
+            "sequential",
+            "--attempt-timeout",
+            "300ms",
+            "--health-check",
+            "100ms",
+        ],
+    )
+    .await;
+    for i in 0..2 {
+        query_udp(node.addr, &name(i), RecordType::A, None, false).await;
+    }
+    assert_eq!(client_queries(dead), 2);
+    // A reload builds a new forwarding generation with the same servers.
+    node.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            node.stderr_text().contains("configuration reloaded")
+        })
+        .await,
+        "no reload: {}",
+        node.stderr_text()
+    );
+    for i in 2..8 {
+        let r = query_udp(node.addr, &name(i), RecordType::A, None, false).await;
+        assert_eq!(a_addrs(&r), vec![IP]);
+    }
+    assert_eq!(
+        client_queries(dead),
+        2,
+        "the new generation must know the server is down"
+    );
+    // And it is still probed: revived, it takes queries again.
+    dead.set_default_behavior(Behavior::Normal);
+    let mut back = false;
+    for i in 8..NAMES {
+        query_udp(node.addr, &name(i), RecordType::A, None, false).await;
+        if dead.queries(&name(i)) == 1 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "no probe after the reload marked the server up");
+}
