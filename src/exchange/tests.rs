@@ -29,6 +29,12 @@ const TC: ReplyMeta = ReplyMeta {
     truncated: true,
 };
 
+/// The attempts made (server, transport) and the result (server, reply).
+type Driven = (
+    Vec<(usize, Transport)>,
+    Result<(usize, &'static str), UpstreamError>,
+);
+
 /// Drives `ex` with `outcome(server, transport)` deciding each attempt's fate, advancing the clock
 /// by `step` per attempt; returns the attempts made (server, transport) and the result.
 fn drive(
@@ -36,10 +42,7 @@ fn drive(
     t0: Instant,
     step: Duration,
     mut outcome: impl FnMut(usize, Transport) -> Result<(ReplyMeta, &'static str), AttemptError>,
-) -> (
-    Vec<(usize, Transport)>,
-    Result<(usize, &'static str), UpstreamError>,
-) {
+) -> Driven {
     let mut now = t0;
     let mut seen = Vec::new();
     for _ in 0..100 {
