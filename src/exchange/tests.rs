@@ -324,3 +324,62 @@ fn a_down_server_gets_no_attempt_even_after_failures() {
     let (seen, _) = drive(ex, t0, Duration::ZERO, |_, _| Err(AttemptError::Network));
     assert_eq!(seen, udp(&[11, 11, 11]));
 }
+
+#[test]
+fn failures_fed_back_to_health_take_a_server_out_of_the_order_and_a_reply_brings_it_back() {
+    use crate::health::Registry;
+    let t0 = Instant::now();
+    let reg = Registry::new(t0);
+    let hs: Vec<_> = (0..2)
+        .map(|i| {
+            let h = reg.server(std::net::SocketAddr::from(([127, 0, 0, 1], 5300 + i)));
+            h.adopt(2, Duration::from_millis(500), false);
+            h
+        })
+        .collect();
+    let cands = |now: Instant| -> Vec<Candidate> {
+        hs.iter()
+            .enumerate()
+            .map(|(i, h)| Candidate {
+                server: i,
+                down: h.is_down(),
+                srtt: h.srtt(now),
+            })
+            .collect()
+    };
+    let mut now = t0;
+    // Server 0 times out, server 1 answers: two queries, each trying 0 first (sequential).
+    for q in 0..2 {
+        let mut ex = Exchange::new(
+            order(Policy::Sequential, &cands(now), 0),
+            now,
+            opts(model::Transport::PreferUdp),
+        );
+        let mut tried = Vec::new();
+        while let Some(a) = ex.poll_attempt(now) {
+            tried.push(a.server);
+            let fb = if a.server == 0 {
+                now = a.until;
+                ex.handle_failure(&a, AttemptError::Timeout, now)
+            } else {
+                now += Duration::from_millis(1);
+                ex.handle_reply(&a, OK, (), now)
+            };
+            if fb.healthy {
+                hs[fb.server].record_reply(fb.rtt, now);
+            } else {
+                hs[fb.server].record_failure(2 * SEC, now);
+            }
+        }
+        assert_eq!(tried, vec![0, 1], "query {q}");
+        assert_eq!(ex.finish().unwrap().server, 1);
+    }
+    assert!(hs[0].is_down(), "two consecutive failures: down");
+    assert_eq!(order(Policy::Sequential, &cands(now), 0), vec![1]);
+    assert_eq!(order(Policy::Fastest, &cands(now), 0), vec![1]);
+    // Its probe answers: back in first place.
+    assert!(hs[0].record_probe_ok());
+    assert_eq!(order(Policy::Sequential, &cands(now), 0), vec![0, 1]);
+    // `fastest` remembers it timed out: the live one stays first.
+    assert_eq!(order(Policy::Fastest, &cands(now), 0), vec![1, 0]);
+}
