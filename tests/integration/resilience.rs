@@ -357,3 +357,39 @@ async fn resilience_a_reload_keeps_health() {
     }
     assert!(back, "no probe after the reload marked the server up");
 }
+
+#[test]
+fn resilience_health_and_policy_flags_conflict_with_a_file() {
+    let conf = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("resilience.Corefile");
+    std::fs::write(&conf, ".:53 {\n    forward . 127.0.0.1:5399\n}\n").expect("write");
+    for (flag, value) in [
+        ("--upstream-policy", "sequential"),
+        ("--max-fails", "3"),
+        ("--health-check", "1s"),
+    ] {
+        let mut child = std::process::Command::new(crate::harness::bin())
+            // The safety flags too: should the check ever let it start, it touches nothing.
+            .args(crate::harness::safety_args())
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--conf", conf.to_str().expect("utf-8 path"), flag, value])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nodedns");
+        // Bounded: a nodedns that started anyway is killed, and the test fails below.
+        let started = std::time::Instant::now();
+        while child.try_wait().ok().flatten().is_none()
+            && started.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("nodedns output");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{flag} conflicts with --conf")),
+            "{flag}: {stderr}"
+        );
+    }
+}
