@@ -293,9 +293,12 @@ impl Upstreams {
     }
 
     /// Starts the probe of every server that is down and has none (a reload that keeps a down
-    /// server whose probe has just stopped with the old generation). Call after `with_observer`.
+    /// server whose probe has just stopped with the old generation), and tells the observer every
+    /// server's state (a reload may change `max_fails`, which can mark a server up or down without
+    /// any attempt). Call after `with_observer`.
     pub fn resume_probes(&self) {
         for (i, h) in self.health.iter().enumerate() {
+            self.observer.health(h.addr, !h.is_down());
             if h.is_down() {
                 self.start_probe(i);
             }
