@@ -7,6 +7,8 @@
 //!   thread), which is what two UDP workers do.
 //! - `miss/store`: the miss path's own work once upstream has replied: [`Response::from_upstream`]
 //!   (hickory-proto validation, OPT strip, TTL offsets) and the cache insert, evictions included.
+//! - `miss/exchange`: the decisions a forwarded query adds per query on top of the sockets: the
+//!   server order of a three-server `fastest` zone and one [`Exchange`] through to its answer.
 //! - `scan_query`: key building alone.
 //!
 //! Messages are built by hand here (a query, and the reply an authoritative server would give with one
@@ -20,6 +22,8 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 use nodedns::cache::{Cache, Limits};
+use nodedns::config::model::{Policy, Transport};
+use nodedns::exchange::{Candidate, Exchange, ExchangeOptions, ReplyMeta, order};
 use nodedns::handler::{Handler, Outcome, Proto};
 use nodedns::wire::{TtlPolicy, build_upstream_query, scan_query};
 
@@ -205,6 +209,46 @@ fn bench_miss(c: &mut Criterion) {
     });
 }
 
+fn bench_exchange(c: &mut Criterion) {
+    let cands = [
+        Candidate {
+            server: 0,
+            down: false,
+            srtt: Duration::from_micros(900),
+        },
+        Candidate {
+            server: 1,
+            down: true,
+            srtt: Duration::ZERO,
+        },
+        Candidate {
+            server: 2,
+            down: false,
+            srtt: Duration::from_micros(300),
+        },
+    ];
+    let opts = ExchangeOptions {
+        attempt_timeout: Duration::from_secs(2),
+        deadline: Duration::from_secs(5),
+        transport: Transport::PreferUdp,
+    };
+    let meta = ReplyMeta {
+        rcode: 0,
+        truncated: false,
+    };
+    let now = Instant::now();
+    c.bench_function("miss/exchange", |b| {
+        b.iter(|| {
+            let mut ex: Exchange<u16> =
+                Exchange::new(order(Policy::Fastest, black_box(&cands), 0), now, opts);
+            while let Some(a) = ex.poll_attempt(now) {
+                black_box(ex.handle_reply(&a, meta, 7, now));
+            }
+            black_box(ex.finish().expect("answered").server)
+        })
+    });
+}
+
 fn bench_scan(c: &mut Criterion) {
     let q = query(0x1234, "kubernetes.default.svc.cluster.local.");
     c.bench_function("scan_query", |b| {
@@ -217,6 +261,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = bench_scan, bench_hits, bench_miss
+    targets = bench_scan, bench_hits, bench_miss, bench_exchange
 }
 criterion_main!(benches);

@@ -128,6 +128,16 @@ impl Observer for UpstreamRecorder {
             }
         }
     }
+
+    fn health(&self, addr: SocketAddr, healthy: bool) {
+        let server = self.metrics.upstream_slot(addr);
+        self.metrics.upstream_health(server, healthy);
+    }
+
+    fn healthcheck_failure(&self, addr: SocketAddr) {
+        let server = self.metrics.upstream_slot(addr);
+        self.metrics.upstream_healthcheck_failure(server);
+    }
 }
 
 /// Runs nodedns until `shutdown` completes. With `rebuild`, SIGHUP, SIGUSR1 and a change of the

@@ -171,6 +171,25 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 2000)]
     pub max_concurrent: usize,
 
+    /// Order the servers of a flag-built zone are tried in: random, round_robin, sequential, or
+    /// fastest (lowest smoothed round-trip time first; servers marked down are skipped).
+    #[arg(long, value_name = "POLICY", default_value = "fastest", value_parser = parse_policy)]
+    pub upstream_policy: Policy,
+
+    /// Consecutive failed attempts (timeouts, network errors) before an upstream is marked down
+    /// and skipped until its health probe answers; 0 turns health checking off.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub max_fails: u32,
+
+    /// Pipelined TCP connections per upstream server (each closed after its zone's `expire`, 10s
+    /// for flag-built zones, so kube-proxy spreads them over the cluster DNS pods).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub tcp_pool_size: usize,
+
+    /// How often an upstream marked down is probed (`. IN NS`).
+    #[arg(long, value_name = "DUR", default_value = "500ms", value_parser = parse_duration)]
+    pub health_check: Duration,
+
     /// UDP worker threads per listen address (0: one per CPU).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub workers: usize,
@@ -351,7 +370,7 @@ pub fn upstream_ip_list(svc: &str) -> Option<Result<Vec<SocketAddr>, String>> {
 }
 
 /// Flags that a configuration file replaces: given together with `--conf`, an error.
-const FILE_OWNED_FLAGS: [&str; 13] = [
+const FILE_OWNED_FLAGS: [&str; 16] = [
     "serve_stale",
     "serve_stale_mode",
     "prefetch",
@@ -365,6 +384,10 @@ const FILE_OWNED_FLAGS: [&str; 13] = [
     "negative_cache_size",
     "force_tcp",
     "cluster_domain",
+    // A file sets these per zone (`policy`, `max_fails`, `health_check`).
+    "upstream_policy",
+    "max_fails",
+    "health_check",
 ];
 
 /// Go's `flag` syntax: `-conf` means `--conf` (node-cache's DaemonSet args). Any single-dash
@@ -382,6 +405,19 @@ fn go_style(arg: String) -> String {
 /// A listen address that may be turned off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionalAddr(pub Option<SocketAddr>);
+
+/// Parses an upstream policy name (the Corefile's and TOML's spelling).
+pub fn parse_policy(s: &str) -> Result<Policy, String> {
+    match s.trim() {
+        "random" => Ok(Policy::Random),
+        "round_robin" => Ok(Policy::RoundRobin),
+        "sequential" => Ok(Policy::Sequential),
+        "fastest" => Ok(Policy::Fastest),
+        p => Err(format!(
+            "unknown policy {p:?}: use random, round_robin, sequential or fastest"
+        )),
+    }
+}
 
 /// Parses `IP:PORT` or `off`.
 pub fn parse_optional_listen(s: &str) -> Result<OptionalAddr, String> {
@@ -430,7 +466,6 @@ impl Config {
 /// What in `m` is accepted but not acted on yet (see [`Config::inert`]).
 fn inert_settings(m: &Model) -> Vec<String> {
     let mut out = Vec::new();
-    let defaults = model::ForwardOptions::default();
     for z in &m.zones {
         let mut what = Vec::new();
         if z.cache
@@ -438,17 +473,6 @@ fn inert_settings(m: &Model) -> Vec<String> {
             .is_some_and(|p| p.amount > 1 && p.duration != Duration::from_secs(60))
         {
             what.push("prefetch DURATION (hits are counted within the refresh window instead)");
-        }
-        if z.forward.max_fails != defaults.max_fails
-            || z.forward.health_check != defaults.health_check
-        {
-            what.push("max_fails/health_check (no health checking yet)");
-        }
-        if z.forward.max_concurrent.is_some() {
-            what.push("per-zone max_concurrent (the global --max-concurrent applies)");
-        }
-        if z.forward.expire != defaults.expire {
-            what.push("expire (pooled TCP connections close after 10 s idle)");
         }
         if !what.is_empty() {
             out.push(format!(
@@ -800,8 +824,12 @@ impl Cli {
             } else {
                 Transport::PreferUdp
             },
-            policy: Policy::RoundRobin,
-            forward: Default::default(),
+            policy: self.upstream_policy,
+            forward: model::ForwardOptions {
+                max_fails: self.max_fails,
+                health_check: self.health_check,
+                ..Default::default()
+            },
             cache,
             origin: model::Origin::at(origin, 0),
         };
@@ -1225,6 +1253,12 @@ impl Cli {
                 self.interface
             ));
         }
+        if !(1..=64).contains(&self.tcp_pool_size) {
+            return bad("--tcp-pool-size must be 1 to 64".into());
+        }
+        if self.health_check < Duration::from_millis(10) {
+            return bad("--health-check must be at least 10ms".into());
+        }
         if self.sync_interval.is_zero() {
             return bad("--sync-interval must be above zero".into());
         }
@@ -1263,6 +1297,7 @@ impl Cli {
             upstream: upstream::Options {
                 attempt_timeout: self.attempt_timeout,
                 deadline: self.query_deadline,
+                tcp_pool_size: self.tcp_pool_size,
             },
             server: crate::server::Options {
                 listen,

@@ -424,6 +424,8 @@ struct Core {
     claim: std::sync::Mutex<()>,
     shared: SharedCounters,
     cache_snapshot: OnceLock<SnapshotProvider>,
+    /// Upstream health, slot for slot with `upstreams` (see the upstream health block below).
+    upstream_health: Box<[UpstreamHealth]>,
 }
 
 impl Core {
@@ -460,6 +462,9 @@ impl Metrics {
             claim: std::sync::Mutex::new(()),
             shared: SharedCounters::default(),
             cache_snapshot: OnceLock::new(),
+            upstream_health: (0..MAX_UPSTREAMS)
+                .map(|_| UpstreamHealth::default())
+                .collect(),
         });
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ScrapeCollector(core.clone())));
@@ -934,6 +939,8 @@ impl Collector for ScrapeCollector {
             }
         }
 
+        encode_upstream_health(core, &mut enc)?;
+
         // nodedns_build_info{version,commit} 1
         enc.encode_descriptor("nodedns_build", "Build information", None, MetricType::Info)?
             .encode_info(&[
@@ -944,6 +951,67 @@ impl Collector for ScrapeCollector {
         Ok(())
     }
 }
+
+// ---- Upstream health (issue 12) ----------------------------------------------------------------
+// Kept in a block of its own, next to nothing else, so it merges cleanly with renames elsewhere.
+// `nodedns_upstream_healthy{upstream}` is 1 until health checking marks the server down (CoreDNS
+// has no such gauge; its nearest is `coredns_proxy_healthcheck_failures_total`), and
+// `nodedns_upstream_healthcheck_failures_total{upstream}` counts probes of a down server that got
+// no reply. Written on health transitions and probes only, never per query.
+
+/// Health of one upstream slot.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct UpstreamHealth {
+    /// Marked down (the gauge reads 0).
+    down: std::sync::atomic::AtomicBool,
+    healthcheck_failures: AtomicU64,
+}
+
+impl Metrics {
+    /// Upstream `upstream` (a slot, see [`Metrics::upstream_slot`]) was marked down or up.
+    pub fn upstream_health(&self, upstream: usize, healthy: bool) {
+        if let Some(h) = self.core.upstream_health.get(upstream) {
+            h.down.store(!healthy, Relaxed);
+        }
+    }
+
+    /// A health probe of upstream `upstream` got no reply.
+    pub fn upstream_healthcheck_failure(&self, upstream: usize) {
+        if let Some(h) = self.core.upstream_health.get(upstream) {
+            h.healthcheck_failures.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+fn encode_upstream_health(core: &Core, enc: &mut DescriptorEncoder) -> Result<(), fmt::Error> {
+    {
+        let mut m = enc.encode_descriptor(
+            "nodedns_upstream_healthy",
+            "1 while the upstream is up, 0 while health checking has marked it down",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (h, (_, label)) in core.upstream_health.iter().zip(core.claimed_labels()) {
+            let v: i64 = if h.down.load(Relaxed) { 0 } else { 1 };
+            m.encode_family(&[("upstream", label.as_str())])?
+                .encode_gauge(&v)?;
+        }
+    }
+    let mut m = enc.encode_descriptor(
+        "nodedns_upstream_healthcheck_failures",
+        "Health probes of a down upstream that got no reply",
+        None,
+        MetricType::Counter,
+    )?;
+    for (h, (_, label)) in core.upstream_health.iter().zip(core.claimed_labels()) {
+        let v = h.healthcheck_failures.load(Relaxed);
+        m.encode_family(&[("upstream", label.as_str())])?
+            .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+    }
+    Ok(())
+}
+// ---- end of upstream health ---------------------------------------------------------------------
 
 fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), fmt::Error> {
     enc.encode_descriptor(name, help, None, MetricType::Counter)?
@@ -1217,6 +1285,46 @@ mod tests {
             )
             .as_deref(),
             Some("40000")
+        );
+    }
+
+    #[test]
+    fn upstream_health_gauge_and_probe_failures() {
+        let m = Metrics::new(&addrs(), 1);
+        let t = m.encode();
+        assert_eq!(
+            sample(&t, r#"nodedns_upstream_healthy{upstream="10.96.0.10:53"}"#).as_deref(),
+            Some("1"),
+            "healthy until marked down"
+        );
+        m.upstream_health(0, false);
+        m.upstream_healthcheck_failure(0);
+        m.upstream_healthcheck_failure(0);
+        let t = m.encode();
+        assert_eq!(
+            sample(&t, r#"nodedns_upstream_healthy{upstream="10.96.0.10:53"}"#).as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            sample(&t, r#"nodedns_upstream_healthy{upstream="[fd00::10]:53"}"#).as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            sample(
+                &t,
+                r#"nodedns_upstream_healthcheck_failures_total{upstream="10.96.0.10:53"}"#
+            )
+            .as_deref(),
+            Some("2")
+        );
+        m.upstream_health(0, true);
+        assert_eq!(
+            sample(
+                &m.encode(),
+                r#"nodedns_upstream_healthy{upstream="10.96.0.10:53"}"#
+            )
+            .as_deref(),
+            Some("1")
         );
     }
 }

@@ -149,7 +149,9 @@ impl Reloader {
             );
             return ReloadResult::RestartRequired;
         }
-        let upstreams = match Upstreams::new(&new.zones, new.upstream) {
+        // The running generation's health registry: a server the reload keeps keeps its health.
+        let registry = self.ctx.upstreams().registry();
+        let upstreams = match Upstreams::with_health(&new.zones, new.upstream, registry) {
             Ok(u) => u.with_observer(self.observer.clone()),
             Err(e) => {
                 tracing::error!(trigger = why, error = %e, "reload failed; the running configuration keeps serving");
@@ -159,6 +161,7 @@ impl Reloader {
         for s in upstreams.servers() {
             self.metrics.upstream_slot(*s);
         }
+        upstreams.resume_probes();
         self.ctx.set_upstreams(upstreams);
         self.ctx.set_max_concurrent(new.server.max_concurrent);
         self.log_queries.store(new.log_queries, Ordering::Relaxed);

@@ -245,23 +245,22 @@ impl Ctx {
         self.max_concurrent.store(n.max(1), Ordering::Relaxed);
     }
 
-    /// Reserves a slot for a forwarded query, or says the limit is reached.
-    fn begin_forward(&self, worker: usize) -> bool {
+    /// Reserves a slot for a forwarded query, or says the limit is reached. The slot is given
+    /// back when the returned guard drops (also when a drain cancels the task).
+    fn begin_forward(self: &Arc<Self>, worker: usize) -> Option<ForwardSlot> {
         self.recorder.miss(worker);
         if self.in_flight.fetch_add(1, Ordering::AcqRel)
             >= self.max_concurrent.load(Ordering::Relaxed)
         {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             self.recorder.rejected(worker);
-            return false;
+            return None;
         }
         self.recorder.in_flight(worker, 1);
-        true
-    }
-
-    fn end_forward(&self, worker: usize) {
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.recorder.in_flight(worker, -1);
+        Some(ForwardSlot {
+            ctx: self.clone(),
+            worker,
+        })
     }
 
     /// Answers a miss: one upstream exchange per key however many clients ask at once, then the reply
@@ -278,7 +277,15 @@ impl Ctx {
         out: &mut Vec<u8>,
     ) -> Option<Answered> {
         let view = wire::scan_query(packet).ok()?;
-        let result = if stale_fallback {
+        // The zone's own `max_concurrent` (issue 12): past it REFUSED, before any upstream sees it.
+        // Past it with a stale entry to fall back on (verify mode), the stale entry is the answer.
+        let zone_slot = self.upstreams().admit(&view);
+        let result = if zone_slot.is_none() {
+            if !stale_fallback {
+                return Some(self.handler.fail(&view, rcode::REFUSED, out));
+            }
+            Err(())
+        } else if stale_fallback {
             tokio::time::timeout(wire::STALE_VERIFY_TIMEOUT, self.fetch(&view))
                 .await
                 .unwrap_or(Err(()))
@@ -286,7 +293,7 @@ impl Ctx {
             self.fetch(&view).await
         };
         let now = Instant::now();
-        Some(match result {
+        let answered = Some(match result {
             Ok(resp) if !(stale_fallback && is_failure(resp.rcode)) => {
                 self.handler.complete(&view, &resp, proto, now, out)
             }
@@ -304,7 +311,9 @@ impl Ctx {
                 None => self.handler.fail(&view, rcode::SERVFAIL, out),
             },
             _ => self.handler.fail(&view, rcode::SERVFAIL, out),
-        })
+        });
+        drop(zone_slot);
+        answered
     }
 
     async fn fetch(&self, view: &wire::QueryView<'_>) -> Result<Arc<Response>, ()> {
@@ -814,7 +823,7 @@ impl Worker {
                     let Some(peer) = peer_of(&b.addrs[i]) else {
                         continue;
                     };
-                    if !ctx.begin_forward(worker) {
+                    let Some(slot) = ctx.begin_forward(worker) else {
                         if let Ok(v) = wire::scan_query(packet) {
                             let a = ctx.handler.fail(&v, rcode::REFUSED, out);
                             ctx.recorder.answered(worker, Proto::Udp, &a, packet);
@@ -822,7 +831,7 @@ impl Worker {
                             replies += 1;
                         }
                         continue;
-                    }
+                    };
                     let packet = packet.to_vec();
                     let (ctx, sock, local) =
                         (ctx.clone(), self.afd.get_ref().clone(), self.local.clone());
@@ -836,6 +845,9 @@ impl Worker {
                             .await
                         {
                             ctx.recorder.answered(worker, Proto::Udp, &a, &packet);
+                            // Counted out before the client can see the reply, so a scrape
+                            // that follows an answer never sees it still in flight.
+                            drop(slot);
                             // The socket blocks (for the blocking phase): never wait on a full
                             // buffer.
                             let to = socket2::SockAddr::from(peer);
@@ -847,7 +859,6 @@ impl Worker {
                                 tracing::debug!(%peer, error = %e, "udp send");
                             }
                         }
-                        ctx.end_forward(worker);
                     });
                 }
             }
@@ -861,6 +872,19 @@ impl Worker {
 
 /// Counts a miss task finished however it ends (cancelled too), and wakes the async phase when it
 /// was the last.
+/// A forwarded query's slot under `--max-concurrent` (see [`Ctx::begin_forward`]).
+struct ForwardSlot {
+    ctx: Arc<Ctx>,
+    worker: usize,
+}
+
+impl Drop for ForwardSlot {
+    fn drop(&mut self) {
+        self.ctx.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.ctx.recorder.in_flight(self.worker, -1);
+    }
+}
+
 struct MissGuard<'a>(&'a Local);
 
 impl Drop for MissGuard<'_> {
@@ -1075,7 +1099,7 @@ async fn tcp_conn(
             }
             Outcome::Drop => {}
             Outcome::Forward { stale_fallback } => {
-                if !ctx.begin_forward(shard) {
+                let Some(slot) = ctx.begin_forward(shard) else {
                     if let Ok(v) = wire::scan_query(&msg) {
                         let a = ctx.handler.fail(&v, rcode::REFUSED, &mut body);
                         ctx.recorder.answered(shard, Proto::Tcp, &a, &msg);
@@ -1084,9 +1108,8 @@ async fn tcp_conn(
                         }
                     }
                     continue;
-                }
+                };
                 let Ok(permit) = pipeline.clone().acquire_owned().await else {
-                    ctx.end_forward(shard);
                     break;
                 };
                 let (ctx, tx) = (ctx.clone(), tx.clone());
@@ -1096,9 +1119,9 @@ async fn tcp_conn(
                         .await
                     {
                         ctx.recorder.answered(shard, Proto::Tcp, &a, &msg);
+                        drop(slot);
                         let _ = tx.send(frame(body)).await;
                     }
-                    ctx.end_forward(shard);
                     drop(permit);
                 });
             }

@@ -19,10 +19,10 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::model::{self, CachePolicy, Policy, Zone};
+use crate::exchange::{self, Candidate, Exchange, ExchangeOptions, Feedback, ReplyMeta};
+use crate::health::{Registry, ServerHealth};
 use crate::wire::{self, Kind, QueryView, Response, TtlPolicy};
 
-/// How long an unused upstream TCP connection is kept.
-const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Queries waiting to be written on one upstream connection.
 const TCP_QUEUE: usize = 1024;
 
@@ -70,6 +70,12 @@ pub trait Observer: Send + Sync {
         result: AttemptResult,
         took: Duration,
     );
+
+    /// `server` was marked down (`healthy == false`) or is up again.
+    fn health(&self, _server: SocketAddr, _healthy: bool) {}
+
+    /// A health probe of a server marked down got no reply.
+    fn healthcheck_failure(&self, _server: SocketAddr) {}
 }
 
 /// An observer that ignores everything.
@@ -83,6 +89,8 @@ impl Observer for NoObserver {
 pub struct Options {
     pub attempt_timeout: Duration,
     pub deadline: Duration,
+    /// Pipelined TCP connections per server (`--tcp-pool-size`).
+    pub tcp_pool_size: usize,
 }
 
 impl Default for Options {
@@ -90,6 +98,7 @@ impl Default for Options {
         Options {
             attempt_timeout: Duration::from_secs(2),
             deadline: Duration::from_secs(5),
+            tcp_pool_size: 2,
         }
     }
 }
@@ -113,6 +122,20 @@ struct Route {
     transport: model::Transport,
     order: Policy,
     store: TtlPolicy,
+    /// The zone's `max_concurrent` and its queries in flight (see [`Upstreams::admit`]).
+    max_concurrent: Option<usize>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// A slot among a zone's forwarded queries in flight; released on drop.
+pub struct ZonePermit(Option<Arc<AtomicUsize>>);
+
+impl Drop for ZonePermit {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Why a zone table cannot be built.
@@ -131,6 +154,21 @@ pub struct Upstreams {
     pools: Vec<TcpPool>,
     opts: Options,
     observer: Arc<dyn Observer>,
+    /// Shared with the generations before and after this one (see [`crate::health`]).
+    registry: Arc<Registry>,
+    /// `health[i]` is `servers[i]`'s.
+    health: Vec<Arc<ServerHealth>>,
+    /// Where probes run: the runtime that built this (the main one), for the reason `TcpPool`'s
+    /// connections do.
+    rt: Option<tokio::runtime::Handle>,
+}
+
+impl Drop for Upstreams {
+    fn drop(&mut self) {
+        for h in &self.health {
+            h.release();
+        }
+    }
 }
 
 /// The store-time TTL policy of a zone's cache settings.
@@ -153,15 +191,19 @@ impl Upstreams {
     /// Builds the routes of `zones`. A zone named twice: the later one wins (flags override the
     /// environment), and only the servers of the zones that remain are dialled, probed and counted.
     pub fn new(zones: &[Zone], opts: Options) -> Result<Upstreams, UpstreamConfigError> {
+        Upstreams::with_health(zones, opts, Registry::new(Instant::now()))
+    }
+
+    /// [`Self::new`] with the health of servers kept in `registry` (a reload passes the running
+    /// generation's, so a kept server keeps its health).
+    pub fn with_health(
+        zones: &[Zone],
+        opts: Options,
+        registry: Arc<Registry>,
+    ) -> Result<Upstreams, UpstreamConfigError> {
         let mut servers: Vec<SocketAddr> = Vec::new();
         let mut routes = HashMap::new();
-        let mut seen = std::collections::HashSet::new();
-        let last_wins: Vec<&Zone> = zones
-            .iter()
-            .rev()
-            .filter(|z| seen.insert(z.name.as_str()))
-            .collect();
-        for z in last_wins.into_iter().rev() {
+        for z in last_wins_zones(zones) {
             let mut idx = Vec::new();
             for s in &z.servers {
                 let i = match servers.iter().position(|x| x == s) {
@@ -186,6 +228,8 @@ impl Upstreams {
                     transport: z.transport,
                     order: z.policy,
                     store: ttl_policy(&z.cache),
+                    max_concurrent: z.forward.max_concurrent,
+                    in_flight: Arc::default(),
                 },
             );
         }
@@ -193,17 +237,75 @@ impl Upstreams {
         // UDP worker dials first: a worker's runtime stands still while the worker blocks in
         // `recvmmsg`, and a connection shared by all workers must keep reading meanwhile.
         let rt = tokio::runtime::Handle::try_current().ok();
+        // A server's connections live as long as the shortest `expire` of the zones using it.
         let pools = servers
             .iter()
-            .map(|&s| TcpPool::new(s, rt.clone()))
+            .map(|&s| {
+                let expire = last_wins_zones(zones)
+                    .filter(|z| z.servers.contains(&s))
+                    .map(|z| z.forward.expire)
+                    .min()
+                    .unwrap_or(model::ForwardOptions::default().expire)
+                    .max(Duration::from_millis(10));
+                TcpPool::new(s, rt.clone(), opts.tcp_pool_size, expire)
+            })
             .collect();
-        Ok(Upstreams {
+        // A server in several zones takes the strictest settings: the smallest non-zero max_fails
+        // (0 only when every zone turns health checking off) and the shortest probe interval.
+        let health = servers
+            .iter()
+            .map(|&s| {
+                let zones_of = || last_wins_zones(zones).filter(move |z| z.servers.contains(&s));
+                let max_fails = zones_of()
+                    .map(|z| z.forward.max_fails)
+                    .filter(|&m| m > 0)
+                    .min()
+                    .unwrap_or(0);
+                let every = zones_of()
+                    .map(|z| z.forward.health_check)
+                    .min()
+                    .unwrap_or(model::ForwardOptions::default().health_check)
+                    .max(Duration::from_millis(10));
+                let tcp = zones_of().any(|z| z.transport == model::Transport::Tcp);
+                let h = registry.server(s);
+                h.adopt(max_fails, every, tcp);
+                h
+            })
+            .collect();
+        let u = Upstreams {
             routes,
             servers,
             pools,
             opts,
             observer: Arc::new(NoObserver),
-        })
+            registry,
+            health,
+            rt,
+        };
+        Ok(u)
+    }
+
+    /// The health registry, to hand to the next generation.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// Whether `servers()[i]` is marked down.
+    pub fn is_down(&self, i: usize) -> bool {
+        self.health.get(i).is_some_and(|h| h.is_down())
+    }
+
+    /// Starts the probe of every server that is down and has none (a reload that keeps a down
+    /// server whose probe has just stopped with the old generation), and tells the observer every
+    /// server's state (a reload may change `max_fails`, which can mark a server up or down without
+    /// any attempt). Call after `with_observer`.
+    pub fn resume_probes(&self) {
+        for (i, h) in self.health.iter().enumerate() {
+            self.observer.health(h.addr, !h.is_down());
+            if h.is_down() {
+                self.start_probe(i);
+            }
+        }
     }
 
     /// Sets who is told about every attempt (metrics). Servers are indexed as in [`Self::servers`].
@@ -213,7 +315,7 @@ impl Upstreams {
     }
 
     /// Asks every server for `. NS` over UDP and says whether any answered within `timeout`
-    /// (the readiness check; what it answers does not matter).
+    /// (the readiness check; what it answers does not matter; health is not touched).
     pub async fn probe(&self, timeout: Duration) -> bool {
         // Header: RD, one question; question: root, NS, IN.
         let question: &[u8] = &[0, 0, 2, 0, 1];
@@ -315,83 +417,151 @@ impl Upstreams {
         }
     }
 
+    /// Reserves a slot for `view` among its zone's forwarded queries, or `None` when the zone's
+    /// `max_concurrent` is reached: the client gets REFUSED, as from CoreDNS's `forward`. Nothing
+    /// went upstream, so it is no health failure. A zone without the setting costs no atomic.
+    pub fn admit(&self, view: &QueryView<'_>) -> Option<ZonePermit> {
+        let Some((_, route)) = self.route(view.key.name()) else {
+            return Some(ZonePermit(None));
+        };
+        let Some(max) = route.max_concurrent else {
+            return Some(ZonePermit(None));
+        };
+        if route.in_flight.fetch_add(1, Ordering::AcqRel) >= max {
+            route.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ZonePermit(Some(route.in_flight.clone())))
+    }
+
     /// Forwards `view`'s question and returns the first usable reply, trying the zone's servers in
-    /// turn until one answers or the deadline passes.
+    /// the order of its policy until one answers or the deadline passes. The decisions are
+    /// [`Exchange`]'s; this loop only performs its attempts and feeds back health.
     pub async fn resolve(&self, view: &QueryView<'_>) -> Result<Reply, UpstreamError> {
         let (_, route) = self
             .route(view.key.name())
             .ok_or(UpstreamError::NoServers)?;
-        let n = route.servers.len();
-        if n == 0 {
+        if route.servers.is_empty() {
             // An `except` name: not forwarded.
             return Err(UpstreamError::NoServers);
         }
         let start = Instant::now();
-        let deadline = start + self.opts.deadline;
-        let first = match route.order {
-            Policy::RoundRobin => route.next.fetch_add(1, Ordering::Relaxed),
-            Policy::Random => rand::random::<u32>() as usize,
-            Policy::Sequential => 0,
-        };
-        let start_transport = match route.transport {
-            model::Transport::Tcp => Transport::Tcp,
-            model::Transport::Udp | model::Transport::PreferUdp => Transport::Udp,
-        };
-        let mut last_err = AttemptError::Timeout;
-        // A SERVFAIL/REFUSED reply is kept while other servers are tried, and returned if none does
-        // better.
-        let mut fallback: Option<Reply> = None;
+        let order = self.order(route, start);
+        let mut ex = Exchange::new(
+            order,
+            start,
+            ExchangeOptions {
+                attempt_timeout: self.opts.attempt_timeout,
+                deadline: self.opts.deadline,
+                transport: route.transport,
+            },
+        );
         let mut query = Vec::with_capacity(view.question.len() + 32);
-        // Each server twice (at least three tries in all), within the deadline: enough to ride out a
-        // lost datagram, and a bound when servers fail fast (connection refused).
-        let max_attempts = (2 * n).max(3);
-        for attempt in 0..max_attempts {
-            let now = Instant::now();
-            if now >= deadline || (attempt >= n && fallback.is_some()) {
-                break;
-            }
-            let server = route.servers[(first + attempt) % n];
-            let until = (now + self.opts.attempt_timeout).min(deadline);
+        while let Some(a) = ex.poll_attempt(Instant::now()) {
             let id: u16 = rand::random();
             wire::build_upstream_query(view, id, &mut query);
-            let mut transport = start_transport;
-            let mut result = self
-                .exchange(server, transport, &query, id, view.question, until)
+            let result = self
+                .exchange(a.server, a.transport, &query, id, view.question, a.until)
                 .await;
-            if let Ok(bytes) = &result
-                && transport == Transport::Udp
-                && route.transport == model::Transport::PreferUdp
-                && wire::is_truncated(bytes)
-            {
-                self.observe(server, transport, &result, now);
-                // Truncated over UDP: ask the same server over TCP.
-                transport = Transport::Tcp;
-                result = self
-                    .exchange(server, transport, &query, id, view.question, until)
-                    .await;
-            }
-            self.observe(server, transport, &result, now);
-            match result {
+            self.observe(a.server, a.transport, &result, a.started);
+            let now = Instant::now();
+            let feedback = match result {
                 Ok(bytes) => {
-                    let rc = wire::header_rcode(&bytes);
-                    let reply = Reply {
-                        bytes,
-                        sent_id: id,
-                        server,
-                        policy: route.store,
+                    let meta = ReplyMeta {
+                        rcode: wire::header_rcode(&bytes),
+                        truncated: wire::is_truncated(&bytes),
                     };
-                    if (rc == wire::rcode::SERVFAIL || rc == wire::rcode::REFUSED)
-                        && attempt + 1 < n
-                    {
-                        fallback.get_or_insert(reply);
-                        continue;
-                    }
-                    return Ok(reply);
+                    ex.handle_reply(&a, meta, (bytes, id), now)
                 }
-                Err(e) => last_err = e,
+                Err(e) => ex.handle_failure(&a, e, now),
+            };
+            self.feedback(feedback, now);
+        }
+        let chosen = ex.finish()?;
+        let (bytes, sent_id) = chosen.reply;
+        Ok(Reply {
+            bytes,
+            sent_id,
+            server: chosen.server,
+            policy: route.store,
+        })
+    }
+
+    /// The order this query tries the route's servers in.
+    fn order(&self, route: &Route, now: Instant) -> Vec<usize> {
+        let pick = match route.order {
+            Policy::RoundRobin => route.next.fetch_add(1, Ordering::Relaxed),
+            Policy::Random => rand::random::<u32>() as usize,
+            Policy::Sequential | Policy::Fastest => 0,
+        };
+        let cands: Vec<Candidate> = route
+            .servers
+            .iter()
+            .map(|&i| Candidate {
+                server: i,
+                down: self.health[i].is_down(),
+                srtt: if route.order == Policy::Fastest {
+                    self.health[i].srtt(now)
+                } else {
+                    Duration::ZERO
+                },
+            })
+            .collect();
+        exchange::order(route.order, &cands, pick)
+    }
+
+    /// Applies what an attempt said about its server: health, round-trip time, and a probe when
+    /// this failure marked it down.
+    fn feedback(&self, f: Feedback, now: Instant) {
+        let (Some(h), Some(&addr)) = (self.health.get(f.server), self.servers.get(f.server)) else {
+            return;
+        };
+        if f.healthy {
+            if h.record_reply(f.rtt, now) {
+                tracing::info!(upstream = %addr, "upstream answers again; marked up");
+                self.observer.health(addr, true);
+            }
+        } else {
+            if h.record_failure(self.opts.attempt_timeout, now) {
+                tracing::warn!(upstream = %addr, "upstream marked down; probing it");
+                self.observer.health(addr, false);
+            }
+            if h.is_down() {
+                self.start_probe(f.server);
             }
         }
-        fallback.ok_or(UpstreamError::Exhausted(last_err))
+    }
+
+    /// Starts the one probe of `servers()[i]` unless it has one: `. IN NS` every `health_check`
+    /// until it answers, on the main runtime (a UDP worker's runtime stands still while the worker
+    /// blocks in `recvmmsg`). The probe needs only the address and the health state, not this
+    /// generation, so it survives a reload; it stops when no generation uses the server.
+    fn start_probe(&self, i: usize) {
+        let Some(h) = self.health.get(i) else {
+            return;
+        };
+        if h.probing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let rt = match self
+            .rt
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+        {
+            Some(rt) => rt,
+            None => {
+                h.probing.store(false, Ordering::Release);
+                return;
+            }
+        };
+        rt.spawn(probe_loop(
+            h.clone(),
+            self.observer.clone(),
+            self.opts.attempt_timeout,
+        ));
     }
 
     fn observe(
@@ -429,6 +599,96 @@ impl Upstreams {
             Ok(r) => r,
             Err(_) => Err(AttemptError::Timeout),
         }
+    }
+}
+
+/// The zones that count: of a name given twice, the later (flags override the environment).
+fn last_wins_zones(zones: &[Zone]) -> impl Iterator<Item = &Zone> {
+    zones
+        .iter()
+        .enumerate()
+        .filter(move |(i, z)| !zones[i + 1..].iter().any(|later| later.name == z.name))
+        .map(|(_, z)| z)
+}
+
+/// The health probe of one server marked down: `. IN NS` every `health_check`, at most one in
+/// flight (this loop is the server's only prober, see `ServerHealth::probing`), until it answers.
+async fn probe_loop(h: Arc<ServerHealth>, observer: Arc<dyn Observer>, timeout: Duration) {
+    loop {
+        tokio::time::sleep(h.probe_every()).await;
+        // Up again through real traffic (every server down: one is tried anyway), or forgotten by
+        // every configuration: nothing to probe.
+        if h.in_use() && h.is_down() {
+            if probe_once(h.addr, h.probe_tcp(), timeout).await {
+                if h.record_probe_ok() {
+                    tracing::info!(upstream = %h.addr, "upstream answers its health probe; marked up");
+                    observer.health(h.addr, true);
+                }
+            } else {
+                observer.healthcheck_failure(h.addr);
+                continue;
+            }
+        }
+        h.probing.store(false, Ordering::Release);
+        // A failure that came in while this probe was deciding to stop found `probing` set and
+        // started none: take the job back rather than leave a down server unprobed.
+        if !(h.in_use() && h.is_down())
+            || h.probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// One `. IN NS` query to `addr` (the same question as CoreDNS's health check); any matching
+/// reply, whatever its rcode, means the server is alive.
+async fn probe_once(addr: SocketAddr, tcp: bool, timeout: Duration) -> bool {
+    // Header: RD, one question; question: root, NS, IN.
+    let question: &[u8] = &[0, 0, 2, 0, 1];
+    let id: u16 = rand::random();
+    let mut q = Vec::with_capacity(17);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    q.extend_from_slice(question);
+    let fut = async {
+        if tcp {
+            tcp_oneshot(addr, &q, id, question).await
+        } else {
+            udp_exchange(addr, &q, id, question).await
+        }
+    };
+    matches!(tokio::time::timeout(timeout, fut).await, Ok(Ok(_)))
+}
+
+/// One query on its own TCP connection (a probe: the pool's connections are for real traffic and
+/// belong to a generation).
+async fn tcp_oneshot(
+    addr: SocketAddr,
+    query: &[u8],
+    id: u16,
+    question: &[u8],
+) -> Result<Vec<u8>, AttemptError> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| io_to_attempt(&e))?;
+    let mut frame = Vec::with_capacity(query.len() + 2);
+    frame.extend_from_slice(&(query.len() as u16).to_be_bytes());
+    frame.extend_from_slice(query);
+    s.write_all(&frame).await.map_err(|e| io_to_attempt(&e))?;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len)
+        .await
+        .map_err(|e| io_to_attempt(&e))?;
+    let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut msg)
+        .await
+        .map_err(|e| io_to_attempt(&e))?;
+    if matches(&msg, id, question) {
+        Ok(msg)
+    } else {
+        Err(AttemptError::Network)
     }
 }
 
@@ -535,40 +795,72 @@ struct TcpConn {
     tx: mpsc::Sender<Vec<u8>>,
     pending: Pending,
     closed: Arc<AtomicBool>,
+    /// No new query after this (see [`TcpPool`]).
+    end: Instant,
 }
 
-/// The (at most one live) TCP connection to a server, re-dialled when it dies.
+impl TcpConn {
+    fn usable(&self, now: Instant) -> bool {
+        // `tx` closed: the connection's tasks are gone (their runtime has ended).
+        !self.closed.load(Ordering::Acquire) && !self.tx.is_closed() && now < self.end
+    }
+}
+
+/// How one query on a pooled connection failed.
+enum ConnError {
+    /// The connection died before the reply (reset, closed, expired under the query): the query
+    /// may be retried on another connection.
+    Lost,
+    Failed(AttemptError),
+}
+
+/// The TCP connections to one server: up to `size` pipelined connections, used in turn and each
+/// closed once `expire` has passed since it was dialled (at once if idle, else when its last reply
+/// is in), so behind a Service kube-proxy spreads them over the cluster DNS pods instead of pinning
+/// a node to one pod forever. A connection that dies is re-dialled in its slot, and a query it lost
+/// is retried once on a live one.
 struct TcpPool {
     addr: SocketAddr,
-    /// Where the connection's tasks (and its socket's reactor) live; the caller's runtime if none.
+    /// Where the connections' tasks (and their sockets' reactor) live; the caller's runtime if none.
     rt: Option<tokio::runtime::Handle>,
-    conn: tokio::sync::Mutex<Option<Arc<TcpConn>>>,
+    expire: Duration,
+    slots: Vec<tokio::sync::Mutex<Option<Arc<TcpConn>>>>,
+    next: AtomicUsize,
 }
 
 impl TcpPool {
-    fn new(addr: SocketAddr, rt: Option<tokio::runtime::Handle>) -> TcpPool {
+    fn new(
+        addr: SocketAddr,
+        rt: Option<tokio::runtime::Handle>,
+        size: usize,
+        expire: Duration,
+    ) -> TcpPool {
         TcpPool {
             addr,
             rt,
-            conn: tokio::sync::Mutex::new(None),
+            expire,
+            slots: (0..size.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next: AtomicUsize::new(0),
         }
     }
 
+    /// A usable connection: the next slot's, dialled when it has none or its one is spent.
     async fn get(&self) -> Result<Arc<TcpConn>, AttemptError> {
-        let mut slot = self.conn.lock().await;
-        // `tx` closed: the connection's tasks are gone (their runtime has ended).
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let mut slot = self.slots[i].lock().await;
         if let Some(c) = slot.as_ref()
-            && !c.closed.load(Ordering::Acquire)
-            && !c.tx.is_closed()
+            && c.usable(Instant::now())
         {
             return Ok(c.clone());
         }
         let c = match &self.rt {
             Some(rt) => rt
-                .spawn(TcpConn::dial(self.addr))
+                .spawn(TcpConn::dial(self.addr, self.expire))
                 .await
                 .map_err(|_| AttemptError::Network)??,
-            None => TcpConn::dial(self.addr).await?,
+            None => TcpConn::dial(self.addr, self.expire).await?,
         };
         let c = Arc::new(c);
         *slot = Some(c.clone());
@@ -576,17 +868,36 @@ impl TcpPool {
     }
 
     /// Sends `query` and waits for the reply. The query's ID is rewritten if another query on the
-    /// same connection already uses it.
+    /// same connection already uses it. A connection lost under the query costs one retry on
+    /// another, within the caller's timeout.
     async fn exchange(&self, query: &[u8], question: &[u8]) -> Result<Vec<u8>, AttemptError> {
-        let conn = self.get().await?;
+        for _ in 0..2 {
+            let conn = self.get().await?;
+            match Self::exchange_on(&conn, query, question).await {
+                Ok(r) => return Ok(r),
+                Err(ConnError::Failed(e)) => return Err(e),
+                Err(ConnError::Lost) => {}
+            }
+        }
+        Err(AttemptError::Network)
+    }
+
+    async fn exchange_on(
+        conn: &TcpConn,
+        query: &[u8],
+        question: &[u8],
+    ) -> Result<Vec<u8>, ConnError> {
         let (tx, rx) = oneshot::channel();
         let mut frame = Vec::with_capacity(query.len() + 2);
         frame.extend_from_slice(&(query.len() as u16).to_be_bytes());
         frame.extend_from_slice(query);
         let id = {
-            let mut pending = conn.pending.lock().map_err(|_| AttemptError::Network)?;
+            let mut pending = conn
+                .pending
+                .lock()
+                .map_err(|_| ConnError::Failed(AttemptError::Network))?;
             let id = free_id(&pending, u16::from_be_bytes([query[0], query[1]]))
-                .ok_or(AttemptError::Network)?;
+                .ok_or(ConnError::Failed(AttemptError::Network))?;
             pending.insert(id, tx);
             id
         };
@@ -596,12 +907,13 @@ impl TcpPool {
             id,
         };
         if conn.tx.send(frame).await.is_err() {
-            return Err(AttemptError::Network);
+            return Err(ConnError::Lost);
         }
-        let reply = rx.await.map_err(|_| AttemptError::Network)?;
+        // The sender is dropped when the reader ends: the connection died (or expired) first.
+        let reply = rx.await.map_err(|_| ConnError::Lost)?;
         drop(guard);
         if !matches(&reply, id, question) {
-            return Err(AttemptError::Network);
+            return Err(ConnError::Failed(AttemptError::Network));
         }
         // Give the caller back its own ID so it validates as usual.
         let mut reply = reply;
@@ -625,7 +937,8 @@ impl Drop for PendingGuard<'_> {
 }
 
 impl TcpConn {
-    async fn dial(addr: SocketAddr) -> Result<TcpConn, AttemptError> {
+    async fn dial(addr: SocketAddr, expire: Duration) -> Result<TcpConn, AttemptError> {
+        let end = Instant::now() + expire;
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| io_to_attempt(&e))?;
@@ -634,10 +947,19 @@ impl TcpConn {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
+        // The reader's end closes the write side too, so the server sees the connection go (a
+        // write half left open would keep it half-alive on both ends until the pool drops it).
+        let reader_done = Arc::new(tokio::sync::Notify::new());
 
         let closed_w = closed.clone();
+        let done_w = reader_done.clone();
         tokio::spawn(async move {
-            while let Some(frame) = rx.recv().await {
+            loop {
+                let frame = tokio::select! {
+                    f = rx.recv() => f,
+                    _ = done_w.notified() => None,
+                };
+                let Some(frame) = frame else { break };
                 if wr.write_all(&frame).await.is_err() {
                     break;
                 }
@@ -654,9 +976,14 @@ impl TcpConn {
                 let idle = pending_r.lock().map(|p| p.is_empty()).unwrap_or(true);
                 let read = rd.read_exact(&mut len);
                 let r = if idle {
-                    // Idle for long enough: close. A waiter that registered just now gets an error
-                    // and retries on a fresh connection; a half-read length is never resumed.
-                    match tokio::time::timeout(TCP_IDLE, read).await {
+                    // Idle and spent (`expire` since the dial): close; idle, wait for a reply at
+                    // most until then. A waiter that registered just now loses its query and
+                    // retries it on another connection; a half-read length is never resumed.
+                    let now = Instant::now();
+                    if now >= end {
+                        break;
+                    }
+                    match tokio::time::timeout_at(end.into(), read).await {
                         Ok(r) => r,
                         Err(_) => break,
                     }
@@ -678,6 +1005,7 @@ impl TcpConn {
                 }
             }
             closed_r.store(true, Ordering::Release);
+            reader_done.notify_one();
             // Dropping the senders wakes every waiter with an error; they retry elsewhere.
             if let Ok(mut p) = pending_r.lock() {
                 p.clear();
@@ -687,6 +1015,7 @@ impl TcpConn {
             tx,
             pending,
             closed,
+            end,
         })
     }
 }

@@ -1045,11 +1045,13 @@ impl<'a> Builder<'a> {
                         "random" => Policy::Random,
                         "round_robin" => Policy::RoundRobin,
                         "sequential" => Policy::Sequential,
+                        // nodedns's own: CoreDNS has no such policy (see the README).
+                        "fastest" => Policy::Fastest,
                         p => {
                             return Err(self.err(
                                 ol,
                                 format!(
-                                    "forward policy {p:?}: use random, round_robin or sequential"
+                                    "forward policy {p:?}: use random, round_robin, sequential or fastest"
                                 ),
                             ));
                         }

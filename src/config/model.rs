@@ -108,6 +108,9 @@ pub enum Policy {
     RoundRobin,
     /// Always in the configured order.
     Sequential,
+    /// Lowest smoothed round-trip time first (hickory's resolver ordering); servers never tried
+    /// count as fastest, and a server's figure decays with time so a slow one is tried again.
+    Fastest,
 }
 
 /// CoreDNS's `prefetch AMOUNT [DURATION [PCT%]]`.

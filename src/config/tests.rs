@@ -409,3 +409,46 @@ fn serve_stale_and_prefetch_flags_reach_every_flag_zone() {
     assert!(cli(&["--prefetch", "1,1m,5"]).is_err(), "PCT is 10-90");
     assert!(cli(&["--serve-stale-mode", "sometimes"]).is_err());
 }
+
+#[test]
+fn upstream_health_and_policy_flags_shape_flag_zones() {
+    let c = cli(&["--upstream", "127.0.0.1"])
+        .unwrap()
+        .into_config(no_env)
+        .unwrap();
+    let z = &c.zones[0];
+    assert_eq!(
+        z.policy,
+        Policy::Fastest,
+        "flag-built zones default to fastest"
+    );
+    assert_eq!(z.forward.max_fails, 2);
+    assert_eq!(z.forward.health_check, Duration::from_millis(500));
+    assert_eq!(c.upstream.tcp_pool_size, 2);
+    let c = cli(&[
+        "--upstream",
+        "127.0.0.1",
+        "--upstream-policy",
+        "sequential",
+        "--max-fails",
+        "0",
+        "--health-check",
+        "2s",
+        "--tcp-pool-size",
+        "4",
+    ])
+    .unwrap()
+    .into_config(no_env)
+    .unwrap();
+    let z = &c.zones[0];
+    assert_eq!(z.policy, Policy::Sequential);
+    assert_eq!(z.forward.max_fails, 0);
+    assert_eq!(z.forward.health_check, Duration::from_secs(2));
+    assert_eq!(c.upstream.tcp_pool_size, 4);
+    assert!(cli(&["--upstream-policy", "quickest"]).is_err());
+    for bad in [&["--tcp-pool-size", "0"][..], &["--health-check", "1ms"]] {
+        let mut args = vec!["--upstream", "127.0.0.1"];
+        args.extend_from_slice(bad);
+        assert!(cli(&args).unwrap().into_config(no_env).is_err(), "{bad:?}");
+    }
+}

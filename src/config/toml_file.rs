@@ -22,7 +22,7 @@
 //! name = "cluster.local"                # or names = ["in-addr.arpa", "ip6.arpa"]
 //! servers = ["service:kube-dns-upstream"]
 //! transport = "tcp"                     # udp | prefer_udp | tcp (default prefer_udp)
-//! policy = "random"                     # random | round_robin | sequential (default random)
+//! policy = "random"                     # random | round_robin | sequential | fastest (default random)
 //! # max_fails = 2, health_check = "500ms", expire = "10s", max_concurrent = 1000
 //! # except = ["private.cluster.local"]  # extra zones with no servers: SERVFAIL
 //! [zone.cache]                          # absent: no caching; present: CoreDNS's defaults
@@ -109,6 +109,7 @@ enum PolicyT {
     Random,
     RoundRobin,
     Sequential,
+    Fastest,
 }
 
 #[derive(Deserialize)]
@@ -389,6 +390,7 @@ impl Reader<'_> {
             PolicyT::Random => Policy::Random,
             PolicyT::RoundRobin => Policy::RoundRobin,
             PolicyT::Sequential => Policy::Sequential,
+            PolicyT::Fastest => Policy::Fastest,
         };
         let make = |name: String, servers: Vec<SocketAddr>, origin: Origin| Zone {
             name,
@@ -557,6 +559,7 @@ pub fn to_toml(m: &Model) -> String {
             Policy::Random => "random",
             Policy::RoundRobin => "round_robin",
             Policy::Sequential => "sequential",
+            Policy::Fastest => "fastest",
         };
         o += &format!("transport = {}\npolicy = {}\n", q(transport), q(policy));
         let f = &z.forward;

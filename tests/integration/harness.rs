@@ -163,6 +163,36 @@ pub fn free_port() -> u16 {
     panic!("no free port found");
 }
 
+/// A free UDP+TCP address on a loopback IP of its own (127.X.Y.Z, chosen from the clock and the
+/// process id): a test that watches a port close (drain, handover) cannot then be answered by
+/// another test's nodedns that was handed the same port on 127.0.0.1.
+pub fn private_addr() -> SocketAddr {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id().rotate_left(16);
+    for i in 0..100u32 {
+        let n = seed.wrapping_add(i.wrapping_mul(2_654_435_761));
+        let ip = std::net::Ipv4Addr::new(
+            127,
+            100 + (n % 100) as u8,
+            (n >> 8) as u8,
+            1 + (n >> 16) as u8 % 250,
+        );
+        let Ok(udp) = UdpSocket::bind((ip, 0)) else {
+            continue;
+        };
+        let Ok(local) = udp.local_addr() else {
+            continue;
+        };
+        if TcpListener::bind(local).is_ok() {
+            return local;
+        }
+    }
+    panic!("no free private loopback address found");
+}
+
 /// A running nodedns child process, killed on drop. Its stderr is captured and shown if the test
 /// panics.
 pub struct Nodedns {

@@ -6,7 +6,7 @@ use hickory_proto::rr::RecordType;
 use nix::sys::signal::Signal;
 
 use crate::fake_upstream::{Behavior, FakeUpstream};
-use crate::harness::{Nodedns, build_query_id, query_udp};
+use crate::harness::{Nodedns, build_query_id, private_addr, query_udp};
 
 /// SIGTERM while UDP misses are in flight to a slow upstream: the process exits (misses finish
 /// within the upstream delay), instead of a worker spinning on its shut socket forever.
@@ -141,20 +141,23 @@ async fn sigterm_drains_a_stream_of_slow_misses() {
     up.set_a("hot.example", "10.0.0.7".parse().unwrap(), 300);
     up.set_behavior("hot.example", Behavior::Normal);
     let (grace, deadline) = (Duration::from_millis(300), Duration::from_secs(4));
-    let mut node = Nodedns::with_upstream(
-        &up,
-        &[
-            "--workers",
-            "2",
-            "--shutdown-grace",
-            "300ms",
-            "--query-deadline",
-            "4s",
-            "--attempt-timeout",
-            "2s",
-        ],
-    )
-    .await;
+    // Its own loopback IP: once its port closes, no other test's nodedns can be given it.
+    let args: Vec<String> = [
+        "--upstream",
+        &up.addr_str(),
+        "--workers",
+        "2",
+        "--shutdown-grace",
+        "300ms",
+        "--query-deadline",
+        "4s",
+        "--attempt-timeout",
+        "2s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut node = Nodedns::start_env(Some(private_addr()), &args, &[]).await;
     let addr = node.addr;
     let warm = query_udp(addr, "hot.example.", RecordType::A, None, false).await;
     assert_eq!(warm.answers.len(), 1);

@@ -17,6 +17,7 @@ mod lifecycle;
 mod metrics_e2e;
 mod netns_e2e;
 mod poison_e2e;
+mod resilience;
 mod robustness;
 mod stale_e2e;
 mod tcp_limits;

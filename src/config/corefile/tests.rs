@@ -460,3 +460,14 @@ proptest::proptest! {
         let _ = parse(&s, "C", &resolv().with_env("A", "1"));
     }
 }
+
+#[test]
+fn policy_fastest_is_accepted() {
+    let text = ".:53 {\n    forward . 10.0.0.1 10.0.0.2 {\n        policy fastest\n    }\n}\n";
+    let m = parse(text, "Corefile", &FakeSources::default()).unwrap();
+    assert_eq!(m.zones[0].policy, Policy::Fastest);
+    let bad = ".:53 {\n    forward . 10.0.0.1 {\n        policy quickest\n    }\n}\n";
+    let e = parse(bad, "Corefile", &FakeSources::default()).unwrap_err();
+    assert_eq!(e.at.line, 3, "{e}");
+    assert!(e.reason.contains("fastest"), "{e}");
+}

@@ -142,3 +142,12 @@ proptest::proptest! {
         let _ = parse(&s, "n.toml", &FakeSources::default());
     }
 }
+
+#[test]
+fn policy_fastest_reads_and_prints() {
+    let text = "[[zone]]\nname = \".\"\nservers = [\"10.0.0.1\"]\npolicy = \"fastest\"\n";
+    let m = parse(text, "f.toml", &FakeSources::default()).unwrap();
+    assert_eq!(m.zones[0].policy, Policy::Fastest);
+    let back = parse(&to_toml(&m), "printed.toml", &FakeSources::default()).unwrap();
+    assert_eq!(back.zones[0].policy, Policy::Fastest);
+}
