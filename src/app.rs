@@ -114,6 +114,7 @@ impl Observer for UpstreamRecorder {
             AttemptResult::Failed(AttemptError::Timeout) => Some(UpstreamFailure::Timeout),
             AttemptResult::Failed(AttemptError::Refused) => Some(UpstreamFailure::Refused),
             AttemptResult::Failed(AttemptError::Network) => Some(UpstreamFailure::Network),
+            AttemptResult::Failed(AttemptError::Malformed) => Some(UpstreamFailure::Malformed),
         };
         if let Some(f) = failure {
             self.metrics.upstream_failure(server, f);
@@ -122,6 +123,7 @@ impl Observer for UpstreamRecorder {
                 UpstreamFailure::Refused => "upstream-refused",
                 UpstreamFailure::Servfail => "upstream-servfail",
                 UpstreamFailure::Network => "upstream-network",
+                UpstreamFailure::Malformed => "upstream-malformed",
             };
             if self.limiter.allow(key) {
                 tracing::warn!(upstream = %addr, cause = ?f, ?transport, "upstream attempt failed");

@@ -173,8 +173,13 @@ impl Handler {
         now: Instant,
     ) -> Result<Arc<Response>, wire::ResponseError> {
         let resp = Response::from_upstream(reply, sent_id, view, policy, now)?;
+        Ok(self.insert(view, resp, now))
+    }
+
+    /// Caches `resp`, a validated reply to `view` (as its zone's policy allows).
+    pub fn insert(&self, view: &QueryView<'_>, resp: Response, now: Instant) -> Arc<Response> {
         self.cache.insert(&view.key, resp.clone(), now);
-        Ok(Arc::new(resp))
+        Arc::new(resp)
     }
 
     /// Renders a reply to `view` from an upstream response (possibly one fetched for another client

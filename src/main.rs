@@ -61,7 +61,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(nodedns::app::run(config, Some(rebuild), wait_for_signal())) {
+    // The stop signals are caught from here on, before any node setup: a SIGTERM while the link
+    // and rules are being set up must still lead to their teardown (a handler installed only
+    // when `app::run` first polled it let such a SIGTERM kill the process and leave them).
+    let stop = {
+        let _in_runtime = rt.enter();
+        stop_signal()
+    };
+    match rt.block_on(nodedns::app::run(config, Some(rebuild), stop)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Our errors carry their cause in their message already.
@@ -71,23 +78,28 @@ fn main() -> ExitCode {
     }
 }
 
-async fn wait_for_signal() {
+/// Installs the SIGTERM, SIGINT and SIGQUIT handlers now (inside the runtime) and returns the
+/// future that completes at the first of them.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::quit()),
-    ) else {
-        // Without signal handlers, run until killed.
-        std::future::pending::<()>().await;
-        return;
-    };
-    // QUIT too: its default action would kill nodedns without its teardown, leaving the link
-    // and rules on the node.
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = quit.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = handlers else {
+            // Without signal handlers, run until killed.
+            std::future::pending::<()>().await;
+            return;
+        };
+        // QUIT too: its default action would kill nodedns without its teardown, leaving the link
+        // and rules on the node.
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = quit.recv() => {}
+        }
     }
 }
 

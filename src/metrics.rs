@@ -106,14 +106,18 @@ pub enum UpstreamFailure {
     Servfail = 2,
     /// Any other socket-level error.
     Network = 3,
+    /// A reply from the queried server, with the query's ID, that is not a well-formed answer to
+    /// the question (see `upstream::AttemptError::Malformed`).
+    Malformed = 4,
 }
 
 impl UpstreamFailure {
-    const ALL: [UpstreamFailure; 4] = [
+    const ALL: [UpstreamFailure; 5] = [
         UpstreamFailure::Timeout,
         UpstreamFailure::Refused,
         UpstreamFailure::Servfail,
         UpstreamFailure::Network,
+        UpstreamFailure::Malformed,
     ];
     fn label(self) -> &'static str {
         match self {
@@ -121,6 +125,7 @@ impl UpstreamFailure {
             UpstreamFailure::Refused => "refused",
             UpstreamFailure::Servfail => "servfail",
             UpstreamFailure::Network => "network",
+            UpstreamFailure::Malformed => "malformed",
         }
     }
 }
@@ -363,7 +368,7 @@ pub const MAX_UPSTREAMS: usize = 64;
 #[repr(align(128))]
 struct UpstreamCounters {
     queries: [AtomicU64; 2],
-    failures: [AtomicU64; 4],
+    failures: [AtomicU64; 5],
     /// Non-cumulative bucket counts; the last one is `+Inf`. Made cumulative at scrape time.
     buckets: [AtomicU64; N_BUCKETS],
     sum_nanos: AtomicU64,

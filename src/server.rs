@@ -345,23 +345,17 @@ impl Ctx {
 
     async fn forward(&self, view: &wire::QueryView<'_>) -> Result<Arc<Response>, ()> {
         let upstreams = self.upstreams();
-        let reply = match upstreams.resolve(view).await {
-            Ok(r) => r,
+        // Parsed as it arrives, so a malformed reply fails its attempt and the next server is
+        // asked (see `upstream::AttemptError::Malformed`); cached once chosen.
+        let reply = upstreams
+            .resolve(view, |bytes, sent_id, policy| {
+                Response::from_upstream(bytes, sent_id, view, policy, Instant::now())
+            })
+            .await;
+        match reply {
+            Ok(r) => Ok(self.handler.insert(view, r.value, Instant::now())),
             Err(e) => {
                 tracing::debug!(name = ?view.key, error = %e, "upstream failed");
-                return Err(());
-            }
-        };
-        match self.handler.store(
-            view,
-            &reply.bytes,
-            reply.sent_id,
-            &reply.policy,
-            Instant::now(),
-        ) {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                tracing::debug!(name = ?view.key, error = %e, "bad upstream reply");
                 Err(())
             }
         }

@@ -35,6 +35,11 @@ pub enum AttemptError {
     Network,
     #[error("connection refused")]
     Refused,
+    /// The queried server's reply carried the query's ID but was no well-formed answer to it
+    /// (garbage, not a response, records that do not parse). Counted as a failed attempt, so the
+    /// next server is tried at once instead of the client waiting out the deadline.
+    #[error("malformed reply")]
+    Malformed,
 }
 
 /// Why a whole exchange failed; the client gets SERVFAIL.
@@ -103,16 +108,12 @@ impl Default for Options {
     }
 }
 
-/// A successful exchange.
+/// A successful exchange: the reply as the caller's `accept` made it.
 #[derive(Debug)]
-pub struct Reply {
-    pub bytes: Vec<u8>,
-    /// The ID the query was sent with.
-    pub sent_id: u16,
+pub struct Reply<T> {
+    pub value: T,
     /// Index of the server in [`Upstreams::servers`].
     pub server: usize,
-    /// How the zone that routed the query caches its answers.
-    pub policy: TtlPolicy,
 }
 
 /// One zone's servers and policy.
@@ -437,7 +438,15 @@ impl Upstreams {
     /// Forwards `view`'s question and returns the first usable reply, trying the zone's servers in
     /// the order of its policy until one answers or the deadline passes. The decisions are
     /// [`Exchange`]'s; this loop only performs its attempts and feeds back health.
-    pub async fn resolve(&self, view: &QueryView<'_>) -> Result<Reply, UpstreamError> {
+    ///
+    /// `accept` turns a reply (bytes, the ID it was sent with, the zone's cache policy) into what
+    /// the caller keeps (parsed once, here): a reply it rejects is the server's failure
+    /// ([`AttemptError::Malformed`]) and the next server is tried, as for a timeout, but at once.
+    pub async fn resolve<T, E: std::fmt::Display>(
+        &self,
+        view: &QueryView<'_>,
+        mut accept: impl FnMut(&[u8], u16, &TtlPolicy) -> Result<T, E>,
+    ) -> Result<Reply<T>, UpstreamError> {
         let (_, route) = self
             .route(view.key.name())
             .ok_or(UpstreamError::NoServers)?;
@@ -462,28 +471,46 @@ impl Upstreams {
             wire::build_upstream_query(view, id, &mut query);
             let result = self
                 .exchange(a.server, a.transport, &query, id, view.question, a.until)
-                .await;
-            self.observe(a.server, a.transport, &result, a.started);
-            let now = Instant::now();
-            let feedback = match result {
-                Ok(bytes) => {
+                .await
+                .and_then(|bytes| {
                     let meta = ReplyMeta {
                         rcode: wire::header_rcode(&bytes),
                         truncated: wire::is_truncated(&bytes),
                     };
-                    ex.handle_reply(&a, meta, (bytes, id), now)
-                }
+                    // A truncated reply the machine retries over TCP is nobody's answer.
+                    let tcp_retry = meta.truncated
+                        && a.transport == Transport::Udp
+                        && route.transport == model::Transport::PreferUdp;
+                    if tcp_retry {
+                        return Ok((meta, None));
+                    }
+                    match accept(&bytes, id, &route.store) {
+                        Ok(v) => Ok((meta, Some(v))),
+                        Err(e) => {
+                            tracing::debug!(server = %self.servers[a.server], error = %e, "malformed upstream reply");
+                            Err(AttemptError::Malformed)
+                        }
+                    }
+                });
+            self.observe(
+                a.server,
+                a.transport,
+                result.as_ref().map(|(m, _)| m.rcode),
+                a.started,
+            );
+            let now = Instant::now();
+            let feedback = match result {
+                Ok((meta, value)) => ex.handle_reply(&a, meta, value, now),
                 Err(e) => ex.handle_failure(&a, e, now),
             };
             self.feedback(feedback, now);
         }
         let chosen = ex.finish()?;
-        let (bytes, sent_id) = chosen.reply;
         Ok(Reply {
-            bytes,
-            sent_id,
+            value: chosen
+                .reply
+                .ok_or(UpstreamError::Exhausted(AttemptError::Malformed))?,
             server: chosen.server,
-            policy: route.store,
         })
     }
 
@@ -564,15 +591,9 @@ impl Upstreams {
         ));
     }
 
-    fn observe(
-        &self,
-        server: usize,
-        t: Transport,
-        r: &Result<Vec<u8>, AttemptError>,
-        since: Instant,
-    ) {
+    fn observe(&self, server: usize, t: Transport, r: Result<u8, &AttemptError>, since: Instant) {
         let res = match r {
-            Ok(b) => AttemptResult::Reply(wire::header_rcode(b)),
+            Ok(rcode) => AttemptResult::Reply(rcode),
             Err(e) => AttemptResult::Failed(*e),
         };
         self.observer
@@ -740,14 +761,49 @@ async fn udp_exchange(
         sock.recv_buf(&mut buf)
             .await
             .map_err(|e| io_to_attempt(&e))?;
-        if matches(&buf, id, question) {
-            if buf.len() > UDP_REPLY_MAX {
-                return Ok(truncated_reply(&buf, question.len()));
+        match classify(&buf, id, question) {
+            Datagram::Answer => {
+                if buf.len() > UDP_REPLY_MAX {
+                    return Ok(truncated_reply(&buf, question.len()));
+                }
+                return Ok(buf);
             }
-            return Ok(buf);
+            Datagram::Malformed => return Err(AttemptError::Malformed),
+            Datagram::Foreign => {
+                tracing::debug!(%server, "ignoring a UDP reply that does not match the query");
+            }
         }
-        tracing::debug!(%server, "ignoring a UDP reply that does not match the query");
     }
+}
+
+/// What a datagram on an attempt's connected socket is (the kernel delivers only the server's
+/// address and port to it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Datagram {
+    /// The reply: ID and question match.
+    Answer,
+    /// Another ID, or a well-formed response to another question: ignored, as RFC 5452 asks (it
+    /// may be forged, and the real reply may still come).
+    Foreign,
+    /// The query's ID on something that is not a well-formed DNS response (too short, QR clear,
+    /// not exactly one question, a question that does not parse). No forger gains by sending
+    /// this: one who can guess port and ID can send the right question instead. So it is the
+    /// server failing, and the attempt ends (unbound answers such a server's garbage with
+    /// SERVFAIL in 3 ms; waiting would cost the client the whole deadline).
+    Malformed,
+}
+
+fn classify(d: &[u8], id: u16, question: &[u8]) -> Datagram {
+    if d.len() < 2 || u16::from_be_bytes([d[0], d[1]]) != id {
+        return Datagram::Foreign;
+    }
+    if matches(d, id, question) {
+        return Datagram::Answer;
+    }
+    if d[2] & 0x80 == 0 || wire::question_end(d).is_none() {
+        return Datagram::Malformed;
+    }
+    Datagram::Foreign
 }
 
 /// The largest UDP reply read whole; see `udp_exchange`.
@@ -913,7 +969,8 @@ impl TcpPool {
         let reply = rx.await.map_err(|_| ConnError::Lost)?;
         drop(guard);
         if !matches(&reply, id, question) {
-            return Err(ConnError::Failed(AttemptError::Network));
+            // On a connection only the server can answer: the wrong question is its failure.
+            return Err(ConnError::Failed(AttemptError::Malformed));
         }
         // Give the caller back its own ID so it validates as usual.
         let mut reply = reply;

@@ -199,3 +199,42 @@ async fn a_spent_connection_is_not_reused() {
         "each query on a fresh connection"
     );
 }
+
+/// A datagram on an attempt's socket: the reply, someone else's (ignored, RFC 5452), or the
+/// queried server's garbage under the query's ID (the attempt fails).
+#[test]
+fn datagrams_are_classified_by_id_then_form() {
+    // Question: example. A IN
+    let question: &[u8] = &[7, b'e', b'x', b'a', b'm', b'p', b'l', b'e', 0, 0, 1, 0, 1];
+    let reply = |id: u16, flags: u8, q: &[u8]| {
+        let mut m = id.to_be_bytes().to_vec();
+        m.extend_from_slice(&[flags, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        m.extend_from_slice(q);
+        m
+    };
+    let other_q: &[u8] = &[5, b'e', b'v', b'i', b'l', b'x', 0, 0, 1, 0, 1];
+    assert_eq!(
+        classify(&reply(7, 0x81, question), 7, question),
+        Datagram::Answer
+    );
+    assert_eq!(
+        classify(&reply(8, 0x81, question), 7, question),
+        Datagram::Foreign
+    );
+    assert_eq!(
+        classify(&reply(7, 0x81, other_q), 7, question),
+        Datagram::Foreign
+    );
+    assert_eq!(
+        classify(&reply(7, 0x01, question), 7, question),
+        Datagram::Malformed
+    );
+    assert_eq!(
+        classify(&[0, 7, 0xff, 0xff, 0xff], 7, question),
+        Datagram::Malformed
+    );
+    assert_eq!(classify(&[0], 7, question), Datagram::Foreign);
+    let mut bad_label = reply(7, 0x81, question);
+    bad_label[12] = 0xc0;
+    assert_eq!(classify(&bad_label, 7, question), Datagram::Malformed);
+}

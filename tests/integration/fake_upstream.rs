@@ -41,6 +41,16 @@ pub enum Behavior {
     /// other qtype, and the right ID and question from another source port), each claiming
     /// 6.6.6.6, then, 100 ms later, the real answer. RFC 5452: none of the forgeries may win.
     Forge,
+    /// Answer with the query's ID followed by bytes that are no DNS response (QR clear, no
+    /// question): a broken server, not a forger.
+    Garbage,
+    /// A well-formed header and question announcing five answers that are not there.
+    BadRecords,
+    /// Over TCP: the length of the real reply, half of it, then the connection is closed. Over
+    /// UDP: answer normally.
+    CutTcp,
+    /// Over TCP: the connection is reset (SO_LINGER 0) instead of answered. Over UDP: normal.
+    ResetTcp,
 }
 
 /// The address every forged reply of [`Behavior::Forge`] claims.
@@ -434,6 +444,25 @@ async fn tcp_conn(stream: TcpStream, state: Arc<Mutex<State>>, shutdown: watch::
         if rd.read_exact(&mut packet).await.is_err() {
             return;
         }
+        match behavior_of(&packet, &state) {
+            Behavior::CutTcp => {
+                if let Some(reply) = handle(&packet, Transport::Tcp, &state).await {
+                    let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+                    framed.extend_from_slice(&reply[..reply.len() / 2]);
+                    let mut w = wr.lock().await;
+                    let _ = w.write_all(&framed).await;
+                    let _ = w.shutdown().await;
+                }
+                return;
+            }
+            Behavior::ResetTcp => {
+                state.lock().unwrap_or_else(|e| e.into_inner()).tcp_queries += 1;
+                // Closed with linger 0: the kernel sends a reset.
+                let _ = socket2::SockRef::from(rd.as_ref()).set_linger(Some(Duration::ZERO));
+                return;
+            }
+            _ => {}
+        }
         // Answer each query in its own task, so that replies may come back out of order.
         let wr = wr.clone();
         let state = state.clone();
@@ -527,7 +556,17 @@ async fn handle(packet: &[u8], transport: Transport, state: &Mutex<State>) -> Op
                 q.query_type(),
             ));
         }
-        Behavior::Normal | Behavior::TruncateUdp | Behavior::Forge => {}
+        Behavior::Garbage => {
+            let mut g = query.id.to_be_bytes().to_vec();
+            g.extend((0u8..40).map(|i| i.wrapping_mul(37) & 0x7f));
+            return Some(g);
+        }
+        Behavior::Normal
+        | Behavior::TruncateUdp
+        | Behavior::Forge
+        | Behavior::BadRecords
+        | Behavior::CutTcp
+        | Behavior::ResetTcp => {}
     }
 
     // Zone lookup (read after any delay, so that a changed answer is seen).
@@ -580,5 +619,28 @@ async fn handle(packet: &[u8], transport: Transport, state: &Mutex<State>) -> Op
             return reply.to_vec().ok();
         }
     }
+    if behavior == Behavior::BadRecords {
+        let mut bad = bytes;
+        if bad.len() >= 8 {
+            bad[6..8].copy_from_slice(&5u16.to_be_bytes());
+        }
+        return Some(bad);
+    }
     Some(bytes)
+}
+
+/// The behaviour set for the name `packet` asks about (for the transports' own faults).
+fn behavior_of(packet: &[u8], state: &Mutex<State>) -> Behavior {
+    let Some(name) = Message::from_vec(packet)
+        .ok()
+        .and_then(|q| q.queries.first().map(|q| norm(&q.name().to_ascii())))
+    else {
+        return Behavior::Normal;
+    };
+    let s = state.lock().unwrap_or_else(|e| e.into_inner());
+    s.behaviors
+        .get(&name)
+        .copied()
+        .or(s.default_behavior)
+        .unwrap_or(Behavior::Normal)
 }

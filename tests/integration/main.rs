@@ -11,6 +11,7 @@ mod dig;
 mod edge_e2e;
 mod fake_selftest;
 mod fake_upstream;
+mod fault_e2e;
 mod handover;
 mod harness;
 mod lifecycle;

@@ -1385,6 +1385,44 @@ fn sigterm_during_reconcile(test: &str, backend: &str, cycles: usize) {
     }
 }
 
+/// SIGTERM while the node is being set up (the link is there, the rules are being written): a
+/// clean exit that removes what was set up. The stop handlers used to be installed only when the
+/// run loop first waited on them, after setup, so such a SIGTERM killed the process and left the
+/// link and rules on the node.
+#[test]
+fn sigterm_during_setup_tears_down() {
+    let test = "sigterm_during_setup_tears_down";
+    require_netns!(test);
+    if !have_tool(test, "iptables") || !have_tool(test, "nft") {
+        return;
+    }
+    let (ns, up) = ns_with_upstream("setup");
+    let upstream = up.addr_str();
+    for cycle in 0..4 {
+        let mut node = NsNodedns::spawn(
+            &ns,
+            &args(
+                &upstream,
+                &["--link-kind", "bridge", "--firewall", "iptables"],
+            ),
+            &[],
+        );
+        // The link appears first; the iptables rules take tens of milliseconds of tool runs after.
+        let start = std::time::Instant::now();
+        while !ns.link_exists(LINK) && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(ns.link_exists(LINK), "{test}: cycle {cycle}: no link");
+        node.stop();
+        assert_eq!(
+            ns.nodedns_rule_count() + ns.nft_rule_count(),
+            0,
+            "{test}: cycle {cycle}"
+        );
+        assert!(!ns.link_exists(LINK), "{test}: cycle {cycle}: link left");
+    }
+}
+
 #[test]
 fn sigterm_during_reconcile_iptables() {
     let test = "sigterm_during_reconcile_iptables";
