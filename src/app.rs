@@ -69,6 +69,10 @@ impl Recorder for RequestRecorder {
         self.metrics.worker(worker).concurrency_reject();
     }
 
+    fn took(&self, worker: usize, took: Duration, count: u64) {
+        self.metrics.worker(worker).request_duration(took, count);
+    }
+
     fn in_flight(&self, worker: usize, delta: i64) {
         let w = self.metrics.worker(worker);
         if delta > 0 {

@@ -265,6 +265,25 @@ const UPSTREAM_BUCKETS_NANOS: [u64; 15] = [
     5_000_000_000,
 ];
 
+/// Bounds of the client-side request latency histogram (`coredns_dns_request_duration_seconds`):
+/// CoreDNS's own (`plugin.TimeBuckets`, 0.25 ms doubling to 8.192 s), so dashboards' `le` values
+/// match.
+pub const REQUEST_BUCKETS_SECONDS: [f64; 16] = [
+    0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024,
+    2.048, 4.096, 8.192,
+];
+const N_REQUEST_BUCKETS: usize = REQUEST_BUCKETS_SECONDS.len() + 1;
+/// Same bounds in nanoseconds (250 µs × 2^i).
+const REQUEST_BUCKETS_NANOS: [u64; 16] = {
+    let mut b = [0u64; 16];
+    let mut i = 0;
+    while i < 16 {
+        b[i] = 250_000 << i;
+        i += 1;
+    }
+    b
+};
+
 /// Counters owned by one worker thread. Aligned to 128 bytes so neighbouring shards never share
 /// a cache line (see the module docs). Obtain with [`Metrics::worker`] once per worker and keep
 /// the reference, or use the `Metrics` convenience methods that take a worker index.
@@ -279,6 +298,9 @@ pub struct WorkerCounters {
     concurrency_rejects: AtomicU64,
     /// Signed: a query may start on one worker and finish on another; only the sum matters.
     in_flight: AtomicI64,
+    /// Request latency from receipt to reply sent, by [`REQUEST_BUCKETS_SECONDS`] (+Inf last).
+    request_duration: [AtomicU64; N_REQUEST_BUCKETS],
+    request_duration_sum_nanos: AtomicU64,
 }
 
 impl WorkerCounters {
@@ -291,7 +313,32 @@ impl WorkerCounters {
             prefetches: AtomicU64::new(0),
             concurrency_rejects: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
+            request_duration: std::array::from_fn(|_| AtomicU64::new(0)),
+            request_duration_sum_nanos: AtomicU64::new(0),
         }
+    }
+
+    /// Records `count` requests that each took `took` from receipt to reply: a batch of UDP
+    /// replies sent together shares one measurement (one clock read per batch, not per query).
+    #[inline]
+    pub fn request_duration(&self, took: Duration, count: u64) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = REQUEST_BUCKETS_NANOS.partition_point(|&b| b < nanos);
+        self.request_duration[bucket].fetch_add(count, Relaxed);
+        self.request_duration_sum_nanos
+            .fetch_add(nanos.saturating_mul(count), Relaxed);
+    }
+
+    /// The request latency histogram: per-bucket counts (not cumulative) and the sum in seconds.
+    pub(crate) fn request_duration_snapshot(&self) -> ([u64; N_REQUEST_BUCKETS], f64) {
+        let mut b = [0u64; N_REQUEST_BUCKETS];
+        for (o, c) in b.iter_mut().zip(&self.request_duration) {
+            *o = c.load(Relaxed);
+        }
+        (
+            b,
+            self.request_duration_sum_nanos.load(Relaxed) as f64 / 1e9,
+        )
     }
 
     /// Counts one answered request. `qtype` and `rcode` are raw wire values.

@@ -89,6 +89,8 @@ pub trait Recorder: Send + Sync {
     fn in_flight(&self, worker: usize, delta: i64);
     /// A forward was refused at the `max_concurrent` limit.
     fn rejected(&self, _worker: usize) {}
+    /// `count` replies were sent, each `took` after its query was received.
+    fn took(&self, _worker: usize, _took: Duration, _count: u64) {}
 }
 
 /// Records nothing.
@@ -842,6 +844,7 @@ impl Worker {
                             // Counted out before the client can see the reply, so a scrape
                             // that follows an answer never sees it still in flight.
                             drop(slot);
+                            ctx.recorder.took(worker, now.elapsed(), 1);
                             // The socket blocks (for the blocking phase): never wait on a full
                             // buffer.
                             let to = socket2::SockAddr::from(peer);
@@ -858,6 +861,10 @@ impl Worker {
             }
         }
         if replies > 0 {
+            // One clock read per batch (its start is the `now` the cache used): under load a
+            // batch holds many replies, so the latency histogram costs a fraction of a read each.
+            // Recorded before the send, so a client that has its reply is already counted.
+            ctx.recorder.took(worker, now.elapsed(), replies as u64);
             b.send(self.fd(), replies);
         }
         spawned
@@ -1078,15 +1085,14 @@ async fn tcp_conn(
             msg
         };
         let mut body = Vec::with_capacity(512);
-        match ctx
-            .handler
-            .answer(&msg, Proto::Tcp, Instant::now(), &mut body)
-        {
+        let received = Instant::now();
+        match ctx.handler.answer(&msg, Proto::Tcp, received, &mut body) {
             Outcome::Reply(a) => {
                 ctx.recorder.answered(shard, Proto::Tcp, &a, &msg);
                 if let Some(slot) = a.refresh {
                     ctx.queue_refresh(&msg, slot);
                 }
+                ctx.recorder.took(shard, received.elapsed(), 1);
                 if tx.send(frame(body)).await.is_err() {
                     break;
                 }
@@ -1097,6 +1103,7 @@ async fn tcp_conn(
                     if let Ok(v) = wire::scan_query(&msg) {
                         let a = ctx.handler.fail(&v, rcode::REFUSED, &mut body);
                         ctx.recorder.answered(shard, Proto::Tcp, &a, &msg);
+                        ctx.recorder.took(shard, received.elapsed(), 1);
                         if tx.send(frame(body)).await.is_err() {
                             break;
                         }
@@ -1114,6 +1121,7 @@ async fn tcp_conn(
                     {
                         ctx.recorder.answered(shard, Proto::Tcp, &a, &msg);
                         drop(slot);
+                        ctx.recorder.took(shard, received.elapsed(), 1);
                         let _ = tx.send(frame(body)).await;
                     }
                     drop(permit);

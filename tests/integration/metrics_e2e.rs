@@ -276,6 +276,12 @@ async fn metrics_count_exactly_what_happened() {
             2.0,
         ),
         ("coredns_forward_max_concurrent_rejects_total".into(), 0.0),
+        // Every answered request, hits included (the 7 above).
+        ("coredns_dns_request_duration_seconds_count".into(), 7.0),
+        (
+            r#"coredns_dns_request_duration_seconds_bucket{le="+Inf"}"#.into(),
+            7.0,
+        ),
         (
             format!(
                 r#"coredns_build_info{{version="{}",revision="{}"}}"#,
