@@ -14,6 +14,7 @@ mod fake_upstream;
 mod handover;
 mod harness;
 mod lifecycle;
+mod loop_e2e;
 mod metrics_e2e;
 mod netns_e2e;
 mod poison_e2e;
