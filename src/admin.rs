@@ -62,6 +62,10 @@ pub struct AdminState {
     config_problems: std::sync::Mutex<Vec<String>>,
     /// node-cache's own listener: `/metrics` is only the setup-errors counter.
     setup_only: bool,
+    /// Cleared while the start's loop check runs (at most about a second of it, see `app`).
+    loop_checked: AtomicBool,
+    /// Zones loop detection found looping, as `/ready` names them ("loop detected: zone Z via S").
+    loop_problems: std::sync::Mutex<Vec<String>>,
 }
 
 impl AdminState {
@@ -79,6 +83,8 @@ impl AdminState {
             draining: AtomicBool::new(false),
             config_problems: std::sync::Mutex::new(Vec::new()),
             setup_only: false,
+            loop_checked: AtomicBool::new(true),
+            loop_problems: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -102,6 +108,24 @@ impl AdminState {
     /// The configuration problems set by [`AdminState::set_config_problems`].
     pub fn config_problems(&self) -> Vec<String> {
         self.config_problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Cleared while the start's loop check runs, set when it is done.
+    pub fn set_loop_checked(&self, v: bool) {
+        self.loop_checked.store(v, Ordering::Relaxed);
+    }
+
+    /// Sets the loops `/ready` names (503 while any is set).
+    pub fn set_loop_problems(&self, problems: Vec<String>) {
+        *self.loop_problems.lock().unwrap_or_else(|e| e.into_inner()) = problems;
+    }
+
+    /// The loops set by [`AdminState::set_loop_problems`].
+    pub fn loop_problems(&self) -> Vec<String> {
+        self.loop_problems
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -151,6 +175,7 @@ impl AdminState {
                     ("listeners_bound", &self.listeners_bound),
                     ("setup_done", &self.setup_done),
                     ("upstream_reachable", &self.upstream_reachable),
+                    ("loop_check", &self.loop_checked),
                 ]
                 .into_iter()
                 .filter(|(_, flag)| !flag.load(Ordering::Relaxed))
@@ -330,6 +355,7 @@ async fn route<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>>
                 .map(String::from)
                 .collect();
             missing.extend(state.config_problems());
+            missing.extend(state.loop_problems());
             if missing.is_empty() {
                 text(StatusCode::OK, "ok\n")
             } else {

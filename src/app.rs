@@ -14,14 +14,20 @@ use tokio::sync::watch;
 use crate::admin::{self, AdminState};
 use crate::cache::Cache;
 use crate::config::Config;
+use crate::config::model::LoopDetect;
 use crate::handler::{Answered, Handler, Proto, Source};
 use crate::logging::RateLimitedLog;
+use crate::loopdetect;
 use crate::metrics::{self, CacheKind, CacheSnapshot, Metrics, UpstreamFailure};
 use crate::node::Node;
 use crate::reload::{Rebuild, Reloader, reload_signals};
 use crate::server::{Ctx, Listeners, Recorder};
 use crate::upstream::{AttemptError, AttemptResult, Observer, Transport, Upstreams};
 use crate::wire::{self, rcode};
+
+/// How long `/ready` waits for the start's loop check (which itself may take up to
+/// [`loopdetect::CHECK_WINDOW`] when a server does not answer).
+const LOOP_READY_WAIT: Duration = Duration::from_secs(1);
 
 fn metrics_proto(p: Proto) -> metrics::Proto {
     match p {
@@ -176,6 +182,9 @@ pub async fn run(
     for what in &config.inert {
         tracing::warn!("accepted but not acted on yet: {what}");
     }
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     for problem in &config.not_ready {
         tracing::warn!("not ready: {problem}");
     }
@@ -303,6 +312,38 @@ pub async fn run(
     }
     let node = Arc::new(tokio::sync::Mutex::new(node));
 
+    // Loop detection (CoreDNS's `loop`): one probe per forwarded zone, now that the listeners
+    // answer (a probe that loops must reach them). `/ready` waits for it, at most
+    // LOOP_READY_WAIT: on a loop the copies come back within round trips, and a dead server
+    // must not hold readiness for the whole check window.
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
+    let loop_report = Arc::new(loopdetect::Report {
+        metrics: metrics.clone(),
+        admin: admin_state.clone(),
+        fatal: fatal_tx,
+        exit_on_loop: AtomicBool::new(config.loop_detect == LoopDetect::Fatal),
+    });
+    let mut loop_tasks = Vec::new();
+    if config.loop_detect != LoopDetect::Off {
+        admin_state.set_loop_checked(false);
+        let zones = loopdetect::forwarded_zones(&config.zones);
+        let report = loop_report.clone();
+        let check_ctx = ctx.clone();
+        let gate = admin_state.clone();
+        loop_tasks.push(tokio::spawn(async move {
+            let check = loopdetect::check_all(check_ctx, zones, report);
+            tokio::pin!(check);
+            tokio::select! {
+                () = &mut check => {}
+                () = tokio::time::sleep(LOOP_READY_WAIT) => {
+                    gate.set_loop_checked(true);
+                    check.await;
+                }
+            }
+            gate.set_loop_checked(true);
+        }));
+    }
+
     // Readiness wants one reachable upstream: probe until one answers (real traffic also counts).
     let probe_ctx = ctx.clone();
     let probe_state = admin_state.clone();
@@ -352,6 +393,7 @@ pub async fn run(
 
     let reloader = rebuild.zip(signals).map(|(rebuild, signals)| {
         let r = Reloader {
+            loops: Some(loop_report.clone()),
             ctx: ctx.clone(),
             metrics: metrics.clone(),
             rebuild,
@@ -363,7 +405,46 @@ pub async fn run(
         tokio::spawn(r.run(signals, stop_rx.clone()))
     });
 
-    shutdown.await;
+    // `loop fatal`: a loop ends the process (exit 1, the reason in one line), as in CoreDNS.
+    let fatal = async {
+        match fatal_rx.recv().await {
+            Some(why) => why,
+            None => std::future::pending::<String>().await,
+        }
+    };
+    let fatal = tokio::select! {
+        () = shutdown => None,
+        why = fatal => Some(why),
+    };
+    if let Some(why) = fatal {
+        tracing::error!("{why}: exiting (loop fatal)");
+        if let Some(r) = reloader {
+            r.abort();
+        }
+        let _ = stop_tx.send(true);
+        for t in loop_tasks {
+            t.abort();
+        }
+        prober.abort();
+        let _ = reconciler.await;
+        listeners.shutdown(Duration::ZERO).await;
+        node.lock().await.teardown_unless_peer(&config.listen).await;
+        if let Some(w) = warm {
+            let _ = w.await;
+        }
+        for t in admin_tasks {
+            let _ = t.await;
+        }
+        if let Some(p) = pidfile {
+            let _ = std::fs::remove_file(p);
+        }
+        return Err(anyhow::anyhow!(
+            "{why} (loop fatal: an upstream forwards this zone back to nodedns)"
+        ));
+    }
+    for t in loop_tasks {
+        t.abort();
+    }
     // Lameduck: `/ready` says 503 at once, so a rollout or a load balancer sees it, while DNS is
     // served as before (a surge peer may still be starting).
     admin_state.set_draining();

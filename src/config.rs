@@ -300,6 +300,13 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
 
+    /// Loop detection at start: one probe query per forwarded zone; a zone whose probe comes back
+    /// (an upstream forwards to nodedns) is not forwarded any more and /ready says 503 (`on`), or
+    /// nodedns exits (`fatal`, CoreDNS's `loop`). Default on; an explicit flag wins over a file's
+    /// `loop`.
+    #[arg(long, value_name = "off|on|fatal", default_value = "on", value_parser = parse_loop_detect)]
+    pub loop_detect: model::LoopDetect,
+
     /// CoreDNS's -quiet: log warnings and errors only (unless --log-level is given).
     #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool)]
     pub quiet: bool,
@@ -457,7 +464,7 @@ impl Config {
             metrics: self.metrics_listen,
             reload: Some(self.reload_interval),
             log_queries: self.log_queries,
-            loop_detect: false,
+            loop_detect: self.loop_detect,
             inputs: self.inputs.clone(),
         }
     }
@@ -482,12 +489,6 @@ fn inert_settings(m: &Model) -> Vec<String> {
                 what.join(", ")
             ));
         }
-    }
-    if m.loop_detect {
-        out.push(
-            "loop: only the static check (no zone forwards to nodedns's own address) is done"
-                .into(),
-        );
     }
     out
 }
@@ -525,6 +526,11 @@ pub struct Config {
     /// Settings the file gives that are read and validated but do not change behaviour yet, one
     /// phrase each (logged as warnings at start, so none is silently ignored).
     pub inert: Vec<String>,
+    /// Loop detection at start (see [`crate::loopdetect`]).
+    pub loop_detect: model::LoopDetect,
+    /// Things nodedns changed in the configuration to make it work (a server that is nodedns
+    /// itself, dropped from its zone), one sentence each, logged as warnings at start.
+    pub warnings: Vec<String>,
     /// Why nodedns is not fully ready although it serves (a missing or malformed
     /// `<SVC>_SERVICE_HOST`/`_PORT`): warned about at start and named by `/ready` (503).
     pub not_ready: Vec<String>,
@@ -594,6 +600,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("duration {s:?} is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `--loop-detect off|on|fatal`.
+pub fn parse_loop_detect(s: &str) -> Result<model::LoopDetect, String> {
+    s.parse()
 }
 
 /// Parses `true`/`false` (and 1/0, yes/no) for boolean flags.
@@ -742,6 +753,41 @@ pub fn parse_resolv_conf(text: &str) -> Result<Vec<SocketAddr>, String> {
     Ok(out)
 }
 
+/// Whether `server` is nodedns itself: one of the `listen` addresses, or on the port of a wildcard
+/// listen address (`0.0.0.0:53`, `[::]:53`) an address of this machine (any loopback address, or
+/// one `is_local` says a socket can bind). An IPv6 wildcard covers IPv6 only (the listeners are
+/// IPV6_V6ONLY).
+pub fn is_self(
+    server: SocketAddr,
+    listen: &[SocketAddr],
+    is_local: &dyn Fn(IpAddr) -> bool,
+) -> bool {
+    let ip = server.ip().to_canonical();
+    listen.iter().any(|l| {
+        if l.port() != server.port() {
+            return false;
+        }
+        let lip = l.ip().to_canonical();
+        if lip == ip {
+            return true;
+        }
+        lip.is_unspecified() && lip.is_ipv4() == ip.is_ipv4() && (ip.is_loopback() || is_local(ip))
+    })
+}
+
+/// Whether this machine has `ip` (loopback, or a socket can bind it): the real [`Sources`]'s
+/// answer to [`Sources::is_local_ip`].
+pub fn machine_has_ip(ip: IpAddr) -> bool {
+    ip.is_loopback() || crate::netif::is_local(ip).unwrap_or(false)
+}
+
+fn join_addrs(a: &[SocketAddr]) -> String {
+    a.iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Environment through a closure, files from the file system (the flags' sources).
 struct EnvSources<F>(F);
 
@@ -751,6 +797,9 @@ impl<F: Fn(&str) -> Option<String>> Sources for EnvSources<F> {
     }
     fn read(&self, path: &std::path::Path) -> std::io::Result<String> {
         std::fs::read_to_string(path)
+    }
+    fn is_local_ip(&self, ip: IpAddr) -> bool {
+        machine_has_ip(ip)
     }
 }
 
@@ -864,23 +913,9 @@ impl Cli {
                 path: path.clone(),
                 reason,
             })?;
-            // Never forward to ourselves (a node whose resolv.conf points at nodedns).
-            let servers: Vec<_> = servers
-                .into_iter()
-                .filter(|s| {
-                    !self
-                        .listen
-                        .iter()
-                        .any(|l| l.ip() == s.ip() && l.port() == s.port())
-                })
-                .collect();
-            if servers.is_empty() {
-                return Err(ConfigError::ResolvConf {
-                    path,
-                    reason: "its only nameservers are nodedns's own listen addresses".into(),
-                });
-            }
-            zones.push(zone(".".into(), servers, "--resolv-conf"));
+            // nodedns's own addresses among them are dropped (or refused, when they are all) with
+            // every other zone's in `into_config_from`.
+            zones.push(zone(".".into(), servers, &format!("--resolv-conf {path}")));
         }
         // 3. Explicit --forward flags override both.
         for f in &self.forward {
@@ -1113,6 +1148,12 @@ impl Cli {
         let mut inputs = Vec::new();
         let mut inert = Vec::new();
         let mut not_ready = Vec::new();
+        // An explicit flag wins over the file's `loop` (the node's operator decides, as for the
+        // HTTP endpoints); a file without `loop` does no check, as in CoreDNS.
+        let loop_detect = match &file {
+            Some(m) if !self.given("loop_detect") => m.loop_detect,
+            _ => self.loop_detect,
+        };
         let zones = match file {
             None => {
                 if self.upstream.is_empty() && !self.forward.iter().any(|z| z.zone == ".") {
@@ -1212,21 +1253,35 @@ impl Cli {
         if zones.is_empty() {
             return bad("no zones: nothing to forward".into());
         }
-        // Never forward to ourselves (a resolv.conf or a stub domain naming nodedns's address).
+        // Never forward to ourselves (a resolv.conf, an upstream or a stub domain naming one of
+        // nodedns's addresses): such servers are dropped with a warning, and a zone left with
+        // none is an error.
         let mut zones = zones;
+        let mut warnings = Vec::new();
         for z in &mut zones {
-            let had = z.servers.len();
-            z.servers.retain(|s| {
-                !listen
-                    .iter()
-                    .any(|l| l.ip() == s.ip() && l.port() == s.port())
-            });
-            if had > 0 && z.servers.is_empty() {
+            let (own, other): (Vec<SocketAddr>, Vec<SocketAddr>) = z
+                .servers
+                .iter()
+                .partition(|s| is_self(**s, &listen, &|ip| src.is_local_ip(ip)));
+            if own.is_empty() {
+                continue;
+            }
+            let own_list = join_addrs(&own);
+            if other.is_empty() {
                 return bad(format!(
-                    "{}: zone {} forwards only to nodedns's own listen address (a loop)",
-                    z.origin, z.name
+                    "{}: zone {} forwards only to nodedns's own listen address ({own_list}; nodedns listens on {}): a loop",
+                    z.origin,
+                    z.name,
+                    join_addrs(&listen)
                 ));
             }
+            warnings.push(format!(
+                "{}: zone {}: server {own_list} dropped: nodedns itself listens there (a loop); forwarding to {}",
+                z.origin,
+                z.name,
+                join_addrs(&other)
+            ));
+            z.servers = other;
         }
 
         let workers = if self.workers == 0 {
@@ -1269,6 +1324,8 @@ impl Cli {
             return bad("--reload-interval must be at least 100ms".into());
         }
         Ok(Config {
+            loop_detect,
+            warnings,
             not_ready,
             setup_metrics_listen: self.metrics_listen_address.0,
             pidfile: self.pidfile.clone(),

@@ -16,6 +16,7 @@ pub mod firewall;
 pub mod handler;
 pub mod health;
 pub mod logging;
+pub mod loopdetect;
 pub mod metrics;
 pub mod netif;
 pub mod node;

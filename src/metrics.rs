@@ -478,6 +478,8 @@ struct Core {
     cache_snapshot: OnceLock<SnapshotProvider>,
     /// Upstream health, slot for slot with `upstreams` (see the upstream health block below).
     upstream_health: Box<[UpstreamHealth]>,
+    /// Zones loop detection checked, and whether each loops (see the loop block below).
+    loops: std::sync::Mutex<Vec<(String, bool)>>,
 }
 
 impl Core {
@@ -517,6 +519,7 @@ impl Metrics {
             upstream_health: (0..MAX_UPSTREAMS)
                 .map(|_| UpstreamHealth::default())
                 .collect(),
+            loops: std::sync::Mutex::new(Vec::new()),
         });
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ScrapeCollector(core.clone())));
@@ -992,6 +995,7 @@ impl Collector for ScrapeCollector {
         }
 
         encode_upstream_health(core, &mut enc)?;
+        encode_loops(core, &mut enc)?;
 
         // nodedns_build_info{version,commit} 1
         enc.encode_descriptor("nodedns_build", "Build information", None, MetricType::Info)?
@@ -1064,6 +1068,45 @@ fn encode_upstream_health(core: &Core, enc: &mut DescriptorEncoder) -> Result<()
     Ok(())
 }
 // ---- end of upstream health ---------------------------------------------------------------------
+
+// ---- Loop detection ----------------------------------------------------------------------------
+// `nodedns_loop_detected{zone}`: 1 for a zone whose upstreams send its queries back to nodedns
+// (it is no longer forwarded), 0 for a zone checked and fine; no series for zones not checked.
+// Written by the loop check only.
+
+impl Metrics {
+    /// Loop detection checked `zone`: `looped` says whether it loops.
+    pub fn set_loop_detected(&self, zone: &str, looped: bool) {
+        let mut l = self.core.loops.lock().unwrap_or_else(|e| e.into_inner());
+        match l.iter_mut().find(|(z, _)| z == zone) {
+            Some(e) => e.1 = looped,
+            None => l.push((zone.to_string(), looped)),
+        }
+    }
+
+    /// Drops `zone`'s series (a reload removed the zone or lifted its block without a new check).
+    pub fn clear_loop_detected(&self, zone: &str) {
+        let mut l = self.core.loops.lock().unwrap_or_else(|e| e.into_inner());
+        l.retain(|(z, _)| z != zone);
+    }
+}
+
+fn encode_loops(core: &Core, enc: &mut DescriptorEncoder) -> Result<(), fmt::Error> {
+    let loops = core.loops.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut m = enc.encode_descriptor(
+        "nodedns_loop_detected",
+        "1 when the zone's upstreams send its queries back to nodedns (the zone is not forwarded), 0 when checked and fine",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (zone, looped) in &loops {
+        let v: i64 = i64::from(*looped);
+        m.encode_family(&[("zone", zone.as_str())])?
+            .encode_gauge(&v)?;
+    }
+    Ok(())
+}
+// ---- end of loop detection ----------------------------------------------------------------------
 
 fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), fmt::Error> {
     enc.encode_descriptor(name, help, None, MetricType::Counter)?

@@ -116,6 +116,8 @@ pub fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
 
 /// Applies reloads to the running process.
 pub struct Reloader {
+    /// Loop detection's reporting: a reload checks the zones it changed (when `loop` is on).
+    pub loops: Option<Arc<crate::loopdetect::Report>>,
     pub ctx: Arc<Ctx>,
     pub metrics: Arc<Metrics>,
     pub rebuild: Rebuild,
@@ -162,7 +164,10 @@ impl Reloader {
             self.metrics.upstream_slot(*s);
         }
         upstreams.resume_probes();
-        self.ctx.set_upstreams(upstreams);
+        let lifted = self.ctx.set_upstreams(upstreams);
+        if let Some(report) = &self.loops {
+            self.recheck_loops(report.clone(), &new, &lifted);
+        }
         self.ctx.set_max_concurrent(new.server.max_concurrent);
         self.log_queries.store(new.log_queries, Ordering::Relaxed);
         self.ctx.handler.cache.resize(new.limits);
@@ -187,6 +192,37 @@ impl Reloader {
         );
         self.current = new;
         ReloadResult::Applied
+    }
+
+    /// After a reload: zones whose loop block was lifted (their servers changed) lose their gauge
+    /// and `/ready` line, and with `loop` on, the zones the reload added or changed are checked
+    /// (CoreDNS checks again on every reload; unchanged zones keep their result).
+    fn recheck_loops(
+        &self,
+        report: Arc<crate::loopdetect::Report>,
+        new: &Config,
+        lifted: &[String],
+    ) {
+        use crate::config::model::LoopDetect;
+        use crate::loopdetect;
+        for z in lifted {
+            self.metrics.clear_loop_detected(z);
+        }
+        report
+            .exit_on_loop
+            .store(new.loop_detect == LoopDetect::Fatal, Ordering::Relaxed);
+        report.refresh(&self.ctx);
+        if new.loop_detect == LoopDetect::Off {
+            return;
+        }
+        let mut zones = loopdetect::changed_zones(&self.current.zones, &new.zones);
+        if self.current.loop_detect == LoopDetect::Off {
+            // Turned on by this reload: every zone.
+            zones = loopdetect::forwarded_zones(&new.zones);
+        }
+        if !zones.is_empty() {
+            tokio::spawn(loopdetect::check_all(self.ctx.clone(), zones, report));
+        }
     }
 
     /// Reloads on `signals` (SIGHUP and SIGUSR1, see [`reload_signals`]), and when the inputs'

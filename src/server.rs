@@ -36,6 +36,7 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use crate::batch::{self, BATCH, Batch, peer_of};
 use crate::cache::Key;
 use crate::handler::{Answered, Handler, Outcome, Proto};
+use crate::loopdetect::{Probes, Sighting};
 use crate::upstream::Upstreams;
 use crate::wire::{self, Response, rcode};
 
@@ -119,6 +120,8 @@ pub struct Ctx {
     /// runtime: never on a UDP worker, whose runtime stands still in its blocking phase.
     refresh_tx: mpsc::Sender<RefreshJob>,
     refresh_rx: Mutex<Option<mpsc::Receiver<RefreshJob>>>,
+    /// Loop detection's probe names, looked up on the miss path only (see [`crate::loopdetect`]).
+    pub probes: Probes,
 }
 
 /// A background refresh of one cache entry.
@@ -162,6 +165,7 @@ impl Ctx {
             refresh_tx,
             refresh_rx: Mutex::new(Some(refresh_rx)),
             max_concurrent: AtomicUsize::new(max_concurrent.max(1)),
+            probes: Probes::default(),
         }
     }
 
@@ -173,13 +177,17 @@ impl Ctx {
         }
     }
 
-    /// Makes `new` the forwarding generation for every miss that starts from now on.
-    pub fn set_upstreams(&self, new: Upstreams) {
+    /// Makes `new` the forwarding generation for every miss that starts from now on. Zones loop
+    /// detection blocked stay blocked where their servers are unchanged; the zones whose block
+    /// this lifted are returned.
+    pub fn set_upstreams(&self, new: Upstreams) -> Vec<String> {
+        let lifted = new.inherit_loops(&self.upstreams());
         let new = Arc::new(new);
         match self.upstreams.write() {
             Ok(mut g) => *g = new,
             Err(p) => *p.into_inner() = new,
         }
+        lifted
     }
 
     /// Queues the background refresh a hit claimed (see [`Answered::refresh`]); a full queue drops it
@@ -279,6 +287,17 @@ impl Ctx {
         out: &mut Vec<u8>,
     ) -> Option<Answered> {
         let view = wire::scan_query(packet).ok()?;
+        // Loop detection: a copy of a probe coming back (never cached, so never a hit).
+        if self.probes.any() {
+            match self.probes.sighting(view.key.name(), view.key.qtype) {
+                Sighting::NotProbe => {}
+                Sighting::Forward => return Some(self.forward_probe(&view, proto, out).await),
+                Sighting::Loop(zone) => {
+                    self.upstreams().block_loop(&zone);
+                    return Some(self.handler.fail(&view, rcode::SERVFAIL, out));
+                }
+            }
+        }
         // The zone's own `max_concurrent` (issue 12): past it REFUSED, before any upstream sees it.
         // Past it with a stale entry to fall back on (verify mode), the stale entry is the answer.
         let zone_slot = self.upstreams().admit(&view);
@@ -316,6 +335,28 @@ impl Ctx {
         });
         drop(zone_slot);
         answered
+    }
+
+    /// Forwards a copy of a loop probe as it came, neither coalesced with the other copies (which
+    /// would stall the loop instead of showing it) nor cached.
+    async fn forward_probe(
+        &self,
+        view: &wire::QueryView<'_>,
+        proto: Proto,
+        out: &mut Vec<u8>,
+    ) -> Answered {
+        let reply = self
+            .upstreams()
+            .resolve(view, |bytes, sent_id, policy| {
+                Response::from_upstream(bytes, sent_id, view, policy, Instant::now())
+            })
+            .await;
+        match reply {
+            Ok(r) => self
+                .handler
+                .complete(view, &r.value, proto, Instant::now(), out),
+            Err(_) => self.handler.fail(view, rcode::SERVFAIL, out),
+        }
     }
 
     async fn fetch(&self, view: &wire::QueryView<'_>) -> Result<Arc<Response>, ()> {

@@ -49,6 +49,8 @@ pub enum UpstreamError {
     NoServers,
     #[error("no usable reply before the deadline (last: {0})")]
     Exhausted(AttemptError),
+    #[error("not forwarded: the zone's upstreams send its queries back to nodedns (a loop)")]
+    Loop,
 }
 
 /// Transport of one attempt, for metrics.
@@ -126,6 +128,9 @@ struct Route {
     /// The zone's `max_concurrent` and its queries in flight (see [`Upstreams::admit`]).
     max_concurrent: Option<usize>,
     in_flight: Arc<AtomicUsize>,
+    /// Loop detection found the zone's servers sending its queries back to nodedns: not forwarded
+    /// any more (see [`Upstreams::block_loop`]). Read on the miss path only.
+    looped: AtomicBool,
 }
 
 /// A slot among a zone's forwarded queries in flight; released on drop.
@@ -231,6 +236,7 @@ impl Upstreams {
                     store: ttl_policy(&z.cache),
                     max_concurrent: z.forward.max_concurrent,
                     in_flight: Arc::default(),
+                    looped: AtomicBool::new(false),
                 },
             );
         }
@@ -454,6 +460,9 @@ impl Upstreams {
             // An `except` name: not forwarded.
             return Err(UpstreamError::NoServers);
         }
+        if route.looped.load(Ordering::Relaxed) {
+            return Err(UpstreamError::Loop);
+        }
         let start = Instant::now();
         let order = self.order(route, start);
         let mut ex = Exchange::new(
@@ -467,6 +476,10 @@ impl Upstreams {
         );
         let mut query = Vec::with_capacity(view.question.len() + 32);
         while let Some(a) = ex.poll_attempt(Instant::now()) {
+            // A loop found meanwhile (this may be one of the looping copies): no further attempt.
+            if route.looped.load(Ordering::Relaxed) {
+                return Err(UpstreamError::Loop);
+            }
             let id: u16 = rand::random();
             wire::build_upstream_query(view, id, &mut query);
             let result = self
@@ -512,6 +525,58 @@ impl Upstreams {
                 .ok_or(UpstreamError::Exhausted(AttemptError::Malformed))?,
             server: chosen.server,
         })
+    }
+
+    /// Stops forwarding zone `zone` (lowercased wire format, exactly a configured zone): its queries
+    /// get [`UpstreamError::Loop`] from now on. Returns the zone's servers, `None` when no such
+    /// zone is configured.
+    pub fn block_loop(&self, zone: &[u8]) -> Option<Vec<SocketAddr>> {
+        let route = self.routes.get(zone)?;
+        route.looped.store(true, Ordering::Relaxed);
+        Some(route.servers.iter().map(|&i| self.servers[i]).collect())
+    }
+
+    /// The zones [`Self::block_loop`] stopped, with their servers (name in presentation form).
+    pub fn looped_zones(&self) -> Vec<(String, Vec<SocketAddr>)> {
+        let mut out: Vec<(String, Vec<SocketAddr>)> = self
+            .routes
+            .iter()
+            .filter(|(_, r)| r.looped.load(Ordering::Relaxed))
+            .map(|(z, r)| {
+                (
+                    zone_display(z),
+                    r.servers.iter().map(|&i| self.servers[i]).collect(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The servers of zone `zone` (lowercased wire format), if configured.
+    pub fn zone_servers(&self, zone: &[u8]) -> Option<Vec<SocketAddr>> {
+        let route = self.routes.get(zone)?;
+        Some(route.servers.iter().map(|&i| self.servers[i]).collect())
+    }
+
+    /// Keeps the loop blocks of `old` (the generation a reload replaces) for every zone that still
+    /// has the same servers: a reload that changes nothing there does not lift the block. Returns
+    /// the zones whose block was lifted (their servers changed or they are gone).
+    pub fn inherit_loops(&self, old: &Upstreams) -> Vec<String> {
+        let mut lifted = Vec::new();
+        for (z, r) in &old.routes {
+            if !r.looped.load(Ordering::Relaxed) {
+                continue;
+            }
+            let servers: Vec<SocketAddr> = r.servers.iter().map(|&i| old.servers[i]).collect();
+            match self.routes.get(z) {
+                Some(n) if n.servers.iter().map(|&i| self.servers[i]).eq(servers) => {
+                    n.looped.store(true, Ordering::Relaxed);
+                }
+                _ => lifted.push(zone_display(z)),
+            }
+        }
+        lifted
     }
 
     /// The order this query tries the route's servers in.
@@ -621,6 +686,13 @@ impl Upstreams {
             Err(_) => Err(AttemptError::Timeout),
         }
     }
+}
+
+/// A wire-format zone name as the configuration spells it (`cluster.local`, `.`).
+fn zone_display(z: &[u8]) -> String {
+    let s = wire::name_to_string(z);
+    let s = s.trim_end_matches('.');
+    if s.is_empty() { ".".into() } else { s.into() }
 }
 
 /// The zones that count: of a name given twice, the later (flags override the environment).

@@ -370,8 +370,9 @@ async fn python_prometheus_client_parses_both_formats() {
             .and_then(|s| s.parse().ok())
             .expect("family count");
         // 14 before, plus nodedns_config_generation and nodedns_reloads_total, plus
-        // nodedns_upstream_healthy and nodedns_upstream_healthcheck_failures_total; plus the
-        // CoreDNS names (10, src/metrics/compat.rs) and process_* (6).
-        assert_eq!(families, 18 + 10 + 6, "{format}: {stdout}");
+        // nodedns_upstream_healthy and nodedns_upstream_healthcheck_failures_total, plus
+        // nodedns_loop_detected; plus the CoreDNS names (10, src/metrics/compat.rs) and
+        // process_* (6).
+        assert_eq!(families, 19 + 10 + 6, "{format}: {stdout}");
     }
 }

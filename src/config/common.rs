@@ -177,6 +177,7 @@ pub(crate) fn is_within(name: &str, zone: &str) -> bool {
 pub(crate) struct FakeSources {
     pub env: std::collections::HashMap<String, String>,
     pub files: std::collections::HashMap<PathBuf, String>,
+    pub local_ips: Vec<std::net::IpAddr>,
 }
 
 #[cfg(test)]
@@ -187,6 +188,11 @@ impl FakeSources {
     }
     pub fn with_file(mut self, p: &str, text: &str) -> Self {
         self.files.insert(PathBuf::from(p), text.into());
+        self
+    }
+    /// An address this fake machine has (beyond loopback).
+    pub fn with_local_ip(mut self, ip: &str) -> Self {
+        self.local_ips.push(ip.parse().expect("test IP"));
         self
     }
 }
@@ -201,5 +207,8 @@ impl Sources for FakeSources {
             .get(path)
             .cloned()
             .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+    }
+    fn is_local_ip(&self, ip: std::net::IpAddr) -> bool {
+        ip.is_loopback() || self.local_ips.contains(&ip)
     }
 }

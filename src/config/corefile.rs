@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use super::common::{self, MAX_UPSTREAMS};
 use super::model::{
-    CachePolicy, ForwardOptions, Health, Model, ModelError, Origin, Policy, Prefetch, ServeStale,
-    Sources, Transport, Zone, normalize_zone,
+    CachePolicy, ForwardOptions, Health, LoopDetect, Model, ModelError, Origin, Policy, Prefetch,
+    ServeStale, Sources, Transport, Zone, normalize_zone,
 };
 
 /// Deepest `{}` nesting accepted (server block, plugin block, and one spare), so a hostile file
@@ -384,7 +384,7 @@ struct Builder<'a> {
     metrics: Option<(SocketAddr, usize)>,
     reload: Option<(Duration, usize)>,
     log_queries: bool,
-    loop_detect: bool,
+    loop_detect: LoopDetect,
     inputs: Vec<PathBuf>,
 }
 
@@ -399,7 +399,7 @@ impl<'a> Builder<'a> {
             metrics: None,
             reload: None,
             log_queries: false,
-            loop_detect: false,
+            loop_detect: LoopDetect::Off,
             inputs: Vec::new(),
         }
     }
@@ -621,10 +621,19 @@ impl<'a> Builder<'a> {
                 }
                 "loop" => {
                     no_block(self)?;
-                    if !d.args.is_empty() {
-                        return Err(self.err(line, "loop takes no arguments"));
+                    // CoreDNS's `loop` takes nothing (and always exits on a loop); nodedns's
+                    // default keeps the other zones serving, `loop fatal` exits as CoreDNS.
+                    let mode = match d.args.as_slice() {
+                        [] => LoopDetect::On,
+                        [a] if a == "fatal" => LoopDetect::Fatal,
+                        _ => {
+                            return Err(self.err(line, "loop takes no argument or `fatal`"));
+                        }
+                    };
+                    // Several blocks: the strictest wins (the check covers every zone).
+                    if mode == LoopDetect::Fatal || self.loop_detect == LoopDetect::Off {
+                        self.loop_detect = mode;
                     }
-                    self.loop_detect = true;
                 }
                 "errors" => {
                     if !d.args.is_empty() {

@@ -71,6 +71,9 @@ pub trait Sources {
     fn env(&self, name: &str) -> Option<String>;
     /// A whole file (resolv.conf, a ConfigMap key, a Corefile template).
     fn read(&self, path: &Path) -> std::io::Result<String>;
+    /// Whether `ip` is an address of this machine (for the self-forward check with a wildcard
+    /// listen address).
+    fn is_local_ip(&self, ip: std::net::IpAddr) -> bool;
 }
 
 /// The process's environment and file system.
@@ -82,6 +85,9 @@ impl Sources for RealSources {
     }
     fn read(&self, path: &Path) -> std::io::Result<String> {
         std::fs::read_to_string(path)
+    }
+    fn is_local_ip(&self, ip: std::net::IpAddr) -> bool {
+        crate::config::machine_has_ip(ip)
     }
 }
 
@@ -224,6 +230,45 @@ impl Default for ForwardOptions {
     }
 }
 
+/// Loop detection (CoreDNS's `loop`): at start a probe name per forwarded zone is sent to the
+/// zone's servers; seeing it come back more than twice is a loop (see `crate::loopdetect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LoopDetect {
+    /// No probe (a Corefile without `loop`).
+    #[default]
+    Off,
+    /// A looping zone stops being forwarded (SERVFAIL), `/ready` says 503, the process keeps
+    /// serving the other zones.
+    On,
+    /// A loop ends the process (exit 1), as CoreDNS's `loop` does.
+    Fatal,
+}
+
+impl LoopDetect {
+    /// The flag's and TOML's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoopDetect::Off => "off",
+            LoopDetect::On => "on",
+            LoopDetect::Fatal => "fatal",
+        }
+    }
+}
+
+impl std::str::FromStr for LoopDetect {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "off" | "false" => Ok(LoopDetect::Off),
+            "on" | "true" => Ok(LoopDetect::On),
+            "fatal" => Ok(LoopDetect::Fatal),
+            o => Err(format!(
+                "invalid loop detection {o:?} (use off, on or fatal)"
+            )),
+        }
+    }
+}
+
 /// One zone: a domain and everything that decides how its names are answered.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Zone {
@@ -269,8 +314,8 @@ pub struct Model {
     pub reload: Option<Duration>,
     /// `log` present: log every query.
     pub log_queries: bool,
-    /// `loop` present in some block.
-    pub loop_detect: bool,
+    /// Loop detection at start (`loop`, `loop fatal`; see [`LoopDetect`]).
+    pub loop_detect: LoopDetect,
     /// Files this model was read from (Corefile, template, resolv.conf, ConfigMap keys): the reload
     /// poller hashes them.
     pub inputs: Vec<PathBuf>,

@@ -452,3 +452,241 @@ fn upstream_health_and_policy_flags_shape_flag_zones() {
         assert!(cli(&args).unwrap().into_config(no_env).is_err(), "{bad:?}");
     }
 }
+
+/// Builds a config from `args` with `src` (a machine with 10.1.2.3 besides loopback, a
+/// resolv.conf at /r).
+fn self_check(args: &[&str], resolv: &str) -> Result<Config, String> {
+    let src = common::FakeSources::default()
+        .with_file("/r", resolv)
+        .with_file(
+            "/c/Corefile",
+            ".:53 {\n    forward . 127.0.0.1 10.0.0.1\n}\ncluster.local:53 {\n    forward . 127.0.0.53\n}\n",
+        )
+        .with_file(
+            "/c/z.toml",
+            "[[zone]]\nname = \".\"\nservers = [\"10.1.2.3\", \"10.0.0.1:53\"]\n",
+        )
+        .with_local_ip("10.1.2.3");
+    let mut v = vec!["nodedns", "--resolv-conf", "/r"];
+    v.extend_from_slice(args);
+    Cli::parse_args(v.into_iter().map(String::from))
+        .map_err(|e| e.to_string())
+        .and_then(|c| c.into_config_from(&src).map_err(|e| e.to_string()))
+}
+
+fn servers_of(c: &Config, zone: &str) -> Vec<SocketAddr> {
+    c.zones
+        .iter()
+        .find(|z| z.name == zone)
+        .map(|z| z.servers.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn is_self_covers_exact_and_wildcard_listen_addresses() {
+    let sa = |s: &str| -> SocketAddr { s.parse().unwrap() };
+    let local = |ip: IpAddr| ip == "10.1.2.3".parse::<IpAddr>().unwrap();
+    let exact = [sa("169.254.20.10:53")];
+    assert!(is_self(sa("169.254.20.10:53"), &exact, &local));
+    assert!(!is_self(sa("169.254.20.10:5353"), &exact, &local));
+    assert!(
+        !is_self(sa("127.0.0.1:53"), &exact, &local),
+        "not a wildcard"
+    );
+    let any4 = [sa("0.0.0.0:53")];
+    for s in [
+        "127.0.0.1:53",
+        "127.0.0.53:53",
+        "127.255.0.9:53",
+        "10.1.2.3:53",
+        "[::ffff:127.0.0.1]:53",
+    ] {
+        assert!(is_self(sa(s), &any4, &local), "{s}");
+    }
+    assert!(
+        !is_self(sa("127.0.0.1:5353"), &any4, &local),
+        "another port"
+    );
+    assert!(
+        !is_self(sa("10.0.0.1:53"), &any4, &local),
+        "not this machine's"
+    );
+    assert!(
+        !is_self(sa("[::1]:53"), &any4, &local),
+        "0.0.0.0 is IPv4 only"
+    );
+    let any6 = [sa("[::]:53")];
+    assert!(is_self(sa("[::1]:53"), &any6, &local));
+    assert!(
+        !is_self(sa("127.0.0.1:53"), &any6, &local),
+        "the listeners are V6ONLY"
+    );
+}
+
+#[test]
+fn a_zone_forwarding_only_to_nodedns_is_an_error_naming_it() {
+    // --upstream, exact and through a wildcard listen (any 127/8 address, a local address).
+    for (listen, up) in [
+        ("127.0.0.1:53", "127.0.0.1:53"),
+        ("0.0.0.0:53", "127.0.0.1"),
+        ("0.0.0.0:53", "127.0.0.2:53"),
+        ("0.0.0.0:53", "10.1.2.3"),
+    ] {
+        let e = self_check(
+            &["--listen", listen, "--upstream", up],
+            "nameserver 10.0.0.1\n",
+        )
+        .expect_err(up);
+        assert!(
+            e.contains("--upstream: zone . forwards only to nodedns's own listen address")
+                && e.contains("a loop")
+                && !e.contains('\n'),
+            "{e}"
+        );
+    }
+    // --forward.
+    let e = self_check(
+        &[
+            "--listen",
+            "0.0.0.0:53",
+            "--upstream",
+            "10.0.0.1",
+            "--forward",
+            "acme.local=127.0.0.1",
+        ],
+        "",
+    )
+    .expect_err("forward");
+    assert!(
+        e.contains("--forward: zone acme.local forwards only to nodedns"),
+        "{e}"
+    );
+    // resolv.conf.
+    let e = self_check(&["--listen", "0.0.0.0:53"], "nameserver 127.0.0.53\n").expect_err("resolv");
+    assert!(
+        e.contains("--resolv-conf /r: zone . forwards only to nodedns"),
+        "{e}"
+    );
+    // The cluster DNS from --upstream-svc.
+    let e = self_check(
+        &[
+            "--listen",
+            "10.96.0.10:53",
+            "--upstream",
+            "10.0.0.1",
+            "--upstream-svc",
+            "10.96.0.10",
+        ],
+        "",
+    )
+    .expect_err("svc");
+    assert!(
+        e.contains("--upstream-svc: zone cluster.local forwards only to nodedns"),
+        "{e}"
+    );
+    // A file zone: the Corefile's cluster.local goes to 127.0.0.53 only.
+    let e =
+        self_check(&["--conf", "/c/Corefile", "--listen", "0.0.0.0:53"], "").expect_err("corefile");
+    assert!(
+        e.contains("/c/Corefile:4: zone cluster.local forwards only to nodedns"),
+        "{e}"
+    );
+    // Another port is no loop.
+    let c = self_check(&["--listen", "0.0.0.0:5353", "--upstream", "127.0.0.1"], "").unwrap();
+    assert_eq!(servers_of(&c, "."), vec!["127.0.0.1:53".parse().unwrap()]);
+}
+
+#[test]
+fn self_servers_among_others_are_dropped_with_a_warning() {
+    let sa = |s: &str| -> SocketAddr { s.parse().unwrap() };
+    let c = self_check(
+        &[
+            "--listen",
+            "0.0.0.0:53",
+            "--upstream",
+            "127.0.0.1",
+            "--upstream",
+            "10.0.0.1",
+        ],
+        "",
+    )
+    .unwrap();
+    assert_eq!(servers_of(&c, "."), vec![sa("10.0.0.1:53")]);
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].contains("--upstream: zone .: server 127.0.0.1:53 dropped"),
+        "{:?}",
+        c.warnings
+    );
+    let c = self_check(
+        &["--listen", "0.0.0.0:53"],
+        "nameserver 10.1.2.3\nnameserver 10.0.0.2\n",
+    )
+    .unwrap();
+    assert_eq!(servers_of(&c, "."), vec![sa("10.0.0.2:53")]);
+    assert!(
+        c.warnings[0].contains("--resolv-conf /r"),
+        "{:?}",
+        c.warnings
+    );
+    let c = self_check(
+        &[
+            "--listen",
+            "0.0.0.0:53",
+            "--upstream",
+            "10.0.0.1",
+            "--forward",
+            "a.local=127.0.0.1,10.0.0.3:53",
+        ],
+        "",
+    )
+    .unwrap();
+    assert_eq!(servers_of(&c, "a.local"), vec![sa("10.0.0.3:53")]);
+    let c = self_check(&["--conf", "/c/z.toml", "--listen", "0.0.0.0:53"], "").unwrap();
+    assert_eq!(servers_of(&c, "."), vec![sa("10.0.0.1:53")]);
+    assert!(
+        c.warnings[0].contains("10.1.2.3:53 dropped"),
+        "{:?}",
+        c.warnings
+    );
+    // Nothing to drop: no warning.
+    let c = self_check(&["--listen", "127.0.0.1:53", "--upstream", "127.0.0.2"], "").unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
+#[test]
+fn loop_detection_defaults_on_for_flags_and_follows_a_file_unless_the_flag_is_given() {
+    use model::LoopDetect;
+    let flags = |extra: &[&str]| {
+        let mut a = vec!["--listen", "127.0.0.1:5300", "--upstream", "10.0.0.1"];
+        a.extend_from_slice(extra);
+        self_check(&a, "").unwrap().loop_detect
+    };
+    assert_eq!(flags(&[]), LoopDetect::On);
+    assert_eq!(flags(&["--loop-detect", "off"]), LoopDetect::Off);
+    assert_eq!(flags(&["--loop-detect", "fatal"]), LoopDetect::Fatal);
+    assert!(cli(&["--loop-detect", "maybe"]).is_err());
+    let file = |extra: &[&str]| {
+        let mut a = vec!["--conf", "/c/z.toml", "--listen", "127.0.0.1:5300"];
+        a.extend_from_slice(extra);
+        self_check(&a, "").unwrap().loop_detect
+    };
+    // The TOML file has no loop_detect: no check, as a Corefile without `loop`.
+    assert_eq!(file(&[]), LoopDetect::Off);
+    assert_eq!(
+        file(&["--loop-detect", "fatal"]),
+        LoopDetect::Fatal,
+        "the flag wins"
+    );
+    assert!(
+        !self_check(
+            &["--listen", "127.0.0.1:5300", "--upstream", "10.0.0.1"],
+            ""
+        )
+        .unwrap()
+        .inert
+        .iter()
+        .any(|w| w.contains("loop")),
+        "loop is no longer inert"
+    );
+}

@@ -10,7 +10,7 @@
 //! # port = 53                          # optional; with the flags' listen IPs, when no `listen`
 //! reload = "30s"                        # optional: poll interval of the files
 //! log_queries = false
-//! loop_detect = true
+//! loop_detect = "on"                   # off (default) | on | fatal; true = on, false = off
 //! metrics = "0.0.0.0:9253"              # optional
 //! # ready = "0.0.0.0:8181"              # optional
 //!
@@ -66,8 +66,8 @@ use toml::Spanned;
 
 use super::common::{self, MAX_UPSTREAMS};
 use super::model::{
-    CachePolicy, ForwardOptions, Health, Model, ModelError, Origin, Policy, Prefetch, ServeStale,
-    Sources, Transport, Zone, normalize_zone,
+    CachePolicy, ForwardOptions, Health, LoopDetect, Model, ModelError, Origin, Policy, Prefetch,
+    ServeStale, Sources, Transport, Zone, normalize_zone,
 };
 use crate::config::service_env_prefix;
 
@@ -79,13 +79,20 @@ struct FileT {
     reload: Option<Spanned<String>>,
     #[serde(default)]
     log_queries: bool,
-    #[serde(default)]
-    loop_detect: bool,
+    loop_detect: Option<Spanned<LoopT>>,
     health: Option<HealthT>,
     metrics: Option<Spanned<String>>,
     ready: Option<Spanned<String>>,
     #[serde(default)]
     zone: Vec<ZoneT>,
+}
+
+/// `loop_detect`: a boolean or `"off"`, `"on"`, `"fatal"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum LoopT {
+    Bool(bool),
+    Word(String),
 }
 
 #[derive(Deserialize)]
@@ -254,6 +261,16 @@ impl Reader<'_> {
             .as_ref()
             .map(|m| self.addr(m, "ready"))
             .transpose()?;
+        let loop_detect = match &f.loop_detect {
+            None => LoopDetect::Off,
+            Some(l) => match l.get_ref() {
+                LoopT::Bool(true) => LoopDetect::On,
+                LoopT::Bool(false) => LoopDetect::Off,
+                LoopT::Word(w) => w
+                    .parse()
+                    .map_err(|e| self.err(l.span(), format!("loop_detect: {e}")))?,
+            },
+        };
         let mut zones: Vec<Zone> = Vec::new();
         let mut seen: HashMap<String, usize> = HashMap::new();
         for z in &f.zone {
@@ -287,7 +304,7 @@ impl Reader<'_> {
             metrics,
             reload,
             log_queries: f.log_queries,
-            loop_detect: f.loop_detect,
+            loop_detect,
             inputs: self.inputs,
         })
     }
@@ -530,7 +547,7 @@ pub fn to_toml(m: &Model) -> String {
         o += &format!("reload = {}\n", d(r));
     }
     o += &format!("log_queries = {}\n", m.log_queries);
-    o += &format!("loop_detect = {}\n", m.loop_detect);
+    o += &format!("loop_detect = {}\n", q(m.loop_detect.as_str()));
     if let Some(a) = m.metrics {
         o += &format!("metrics = {}\n", q(&a.to_string()));
     }

@@ -15,6 +15,7 @@ mod fault_e2e;
 mod handover;
 mod harness;
 mod lifecycle;
+mod loop_e2e;
 mod metrics_e2e;
 mod netns_e2e;
 mod poison_e2e;

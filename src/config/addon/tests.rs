@@ -88,7 +88,7 @@ pub(crate) fn addon_model(locals: &[&str]) -> Model {
         metrics: Some(sa("0.0.0.0:9253")),
         reload: Some(secs(30)),
         log_queries: false,
-        loop_detect: true,
+        loop_detect: crate::config::model::LoopDetect::On,
         inputs: vec![],
     }
 }

@@ -82,7 +82,7 @@ pub(crate) fn stub_sequential_model() -> Model {
         metrics: Some(sa("0.0.0.0:9253")),
         reload: None,
         log_queries: false,
-        loop_detect: false,
+        loop_detect: LoopDetect::Off,
         inputs: vec![],
     }
 }
@@ -155,7 +155,7 @@ pub(crate) fn everything_model() -> Model {
         metrics: None,
         reload: Some(secs(10)),
         log_queries: true,
-        loop_detect: false,
+        loop_detect: LoopDetect::Off,
         inputs: vec![],
     }
 }
@@ -186,7 +186,7 @@ fn defaults_of_bare_plugins() {
     assert_eq!(m.ready, Some(sa("0.0.0.0:8181")));
     assert_eq!(m.metrics, Some(sa("0.0.0.0:9153")));
     assert_eq!(m.reload, Some(secs(30)));
-    assert!(m.loop_detect);
+    assert_eq!(m.loop_detect, LoopDetect::On);
 }
 
 #[test]
@@ -470,4 +470,24 @@ fn policy_fastest_is_accepted() {
     let e = parse(bad, "Corefile", &FakeSources::default()).unwrap_err();
     assert_eq!(e.at.line, 3, "{e}");
     assert!(e.reason.contains("fastest"), "{e}");
+}
+
+#[test]
+fn loop_fatal_and_the_strictest_block_wins() {
+    let p = |text: &str| parse(text, "C", &FakeSources::default());
+    let m = p(". {\n forward . 1.1.1.1\n}\n").unwrap();
+    assert_eq!(
+        m.loop_detect,
+        LoopDetect::Off,
+        "no `loop`: no check, as CoreDNS"
+    );
+    let m = p(". {\n forward . 1.1.1.1\n loop fatal\n}\n").unwrap();
+    assert_eq!(m.loop_detect, LoopDetect::Fatal);
+    let m = p("a.org {\n forward . 1.1.1.1\n loop fatal\n}\n. {\n forward . 1.1.1.1\n loop\n}\n")
+        .unwrap();
+    assert_eq!(m.loop_detect, LoopDetect::Fatal);
+    let e = p(". {\n forward . 1.1.1.1\n loop later\n}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("C:3:") && e.contains("loop"), "{e}");
 }

@@ -151,3 +151,26 @@ fn policy_fastest_reads_and_prints() {
     let back = parse(&to_toml(&m), "printed.toml", &FakeSources::default()).unwrap();
     assert_eq!(back.zones[0].policy, Policy::Fastest);
 }
+
+#[test]
+fn loop_detect_takes_a_boolean_or_a_word() {
+    let p = |v: &str| {
+        parse(
+            &format!("{v}\n[[zone]]\nname = \".\"\nservers = [\"10.0.0.1\"]\n"),
+            "n.toml",
+            &FakeSources::default(),
+        )
+        .map(|m| m.loop_detect)
+        .map_err(|e| e.to_string())
+    };
+    assert_eq!(p(""), Ok(LoopDetect::Off));
+    assert_eq!(p("loop_detect = true"), Ok(LoopDetect::On));
+    assert_eq!(p("loop_detect = false"), Ok(LoopDetect::Off));
+    assert_eq!(p("loop_detect = \"on\""), Ok(LoopDetect::On));
+    assert_eq!(p("loop_detect = \"fatal\""), Ok(LoopDetect::Fatal));
+    let e = p("loop_detect = \"sometimes\"").unwrap_err();
+    assert!(
+        e.starts_with("n.toml:1:") && e.contains("off, on or fatal"),
+        "{e}"
+    );
+}
