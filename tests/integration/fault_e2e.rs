@@ -11,7 +11,9 @@ use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 
 use crate::fake_upstream::{Behavior, FakeUpstream};
-use crate::harness::{Nodedns, Rng, a_addrs, build_query, free_port, query_udp, udp_exchange_raw};
+use crate::harness::{
+    Nodedns, Rng, a_addrs, build_query, free_port, query_udp, udp_exchange_raw, wait_until,
+};
 use crate::metrics_e2e::http_get;
 
 const IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 9);
@@ -54,6 +56,10 @@ async fn failures(metrics: SocketAddr, cause: &str) -> u64 {
         .filter(|l| l.contains(&format!("cause=\"{cause}\"")))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
 async fn ask(node: &Nodedns, name: &str) -> Option<hickory_proto::op::Message> {
@@ -114,7 +120,8 @@ async fn fault_tcp_cut_and_reset_connections_fall_over_to_the_next_server() {
     }
     broken.set_behavior("cut.example", Behavior::CutTcp);
     broken.set_behavior("reset.example", Behavior::ResetTcp);
-    let (node, _) = start(&[&broken, &good], &["--force-tcp"]).await;
+    let (node, _) = start(&[&broken, &good], &["--force-tcp", "--tcp-pool-size", "2"]).await;
+    let baseline = fds(node.pid());
     for name in ["cut.example.", "reset.example."] {
         let m = ask(&node, name)
             .await
@@ -127,6 +134,14 @@ async fn fault_tcp_cut_and_reset_connections_fall_over_to_the_next_server() {
     assert_eq!(a_addrs(&m), vec![IP]);
     assert_eq!(broken.queries("fine.example"), 1);
     assert_eq!(good.queries("fine.example"), 0);
+    // Descriptors: the dead connections are closed; what stays is at most the pools' own
+    // (2 per server).
+    let pid = node.pid();
+    assert!(
+        wait_until(Duration::from_secs(5), || fds(pid) <= baseline + 4).await,
+        "descriptors {} > baseline {baseline} + 4 pooled connections",
+        fds(pid)
+    );
 }
 
 /// A flood of random datagrams (bounded: 20,000, from several source ports) at nodedns's socket:
@@ -138,6 +153,7 @@ async fn fault_a_garbage_flood_does_not_stop_the_service() {
     let up = FakeUpstream::start().await;
     up.set_a("after.example", IP, 300);
     let (mut node, _) = start(&[&up], &[]).await;
+    let baseline = fds(node.pid());
     let mut rng = Rng::from_time("garbage-flood");
     let mut socks = Vec::new();
     for _ in 0..4 {
@@ -172,4 +188,11 @@ async fn fault_a_garbage_flood_does_not_stop_the_service() {
     let m = query_udp(node.addr, "after.example.", RecordType::A, None, false).await;
     assert_eq!(a_addrs(&m), vec![IP]);
     assert_eq!(up.queries("after.example"), 1);
+    // Nothing of the flood holds a descriptor (each upstream attempt's socket is closed with it).
+    let pid = node.pid();
+    assert!(
+        wait_until(Duration::from_secs(5), || fds(pid) <= baseline).await,
+        "descriptors {} > baseline {baseline}",
+        fds(pid)
+    );
 }
