@@ -25,16 +25,27 @@ impl Sources for Files<'_> {
             Ok("nameserver 10.0.0.2\n".into())
         }
     }
+    fn is_local_ip(&self, ip: std::net::IpAddr) -> bool {
+        ip.is_loopback()
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let (template, stub) = text.split_once('\0').unwrap_or((text, "{}"));
     let src = Files { stub };
-    let Ok(kube_dns) = addon::read_kube_dns(Path::new("/etc/kube-dns"), &src) else { return };
+    let Ok(kube_dns) = addon::read_kube_dns(Path::new("/etc/kube-dns"), &src) else {
+        return;
+    };
     let inputs = AddonInputs {
         upstream_svc: "kube-dns-upstream".into(),
-        local_ips: vec!["169.254.20.10".parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST.into())],
+        local_ips: vec![
+            "169.254.20.10"
+                .parse()
+                .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
+        ],
         kube_dns,
         prometheus: Some(":9253".into()),
     };

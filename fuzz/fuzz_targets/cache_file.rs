@@ -9,7 +9,10 @@ use nodedns::persist::{self, Stored};
 use nodedns::wire::{TtlPolicy, render, scan_query};
 
 fuzz_target!(|data: &[u8]| {
-    let (wall, mono) = (SystemTime::now(), Instant::now() + Duration::from_secs(86_400));
+    let (wall, mono) = (
+        SystemTime::now(),
+        Instant::now() + Duration::from_secs(86_400),
+    );
     // As a whole file as found (framing: magic, version, checksum), as a well-sealed file whose
     // count and entries are the input (so the fuzzer gets past the checksum to the entries), and as
     // one entry's message (validation).

@@ -18,8 +18,12 @@ fuzz_target!(|data: &[u8]| {
     let mut next = move || it.next();
     let Some(head) = next() else { return };
     let n = usize::from(head % 6);
-    let policy = [Policy::Random, Policy::RoundRobin, Policy::Sequential, Policy::Fastest]
-        [usize::from(head >> 6)];
+    let policy = [
+        Policy::Random,
+        Policy::RoundRobin,
+        Policy::Sequential,
+        Policy::Fastest,
+    ][usize::from(head >> 6)];
     let cands: Vec<Candidate> = (0..n)
         .map(|i| {
             let b = next().unwrap_or(0);
@@ -46,7 +50,11 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let t = next().unwrap_or(0);
-    let transport = [ZoneTransport::Udp, ZoneTransport::PreferUdp, ZoneTransport::Tcp][usize::from(t % 3)];
+    let transport = [
+        ZoneTransport::Udp,
+        ZoneTransport::PreferUdp,
+        ZoneTransport::Tcp,
+    ][usize::from(t % 3)];
     let opts = ExchangeOptions {
         attempt_timeout: Duration::from_millis(1 + u64::from(next().unwrap_or(0)) * 10),
         deadline: Duration::from_millis(1 + u64::from(next().unwrap_or(0)) * 40),
@@ -61,12 +69,18 @@ fuzz_target!(|data: &[u8]| {
     let mut steps = 0;
     while let Some(a) = ex.poll_attempt(now) {
         steps += 1;
-        assert!(steps <= 4 * ord.len().max(3) + 2, "the exchange does not end");
+        assert!(
+            steps <= 4 * ord.len().max(3) + 2,
+            "the exchange does not end"
+        );
         assert!(now < deadline, "an attempt started at or past the deadline");
         assert!(a.until <= deadline);
         assert!(ord.contains(&a.server));
         if a.transport == Transport::Tcp && transport != ZoneTransport::Tcp {
-            assert!(last_truncated_udp, "a TCP attempt without a truncated UDP reply before it");
+            assert!(
+                last_truncated_udp,
+                "a TCP attempt without a truncated UDP reply before it"
+            );
         }
         let ev = next().unwrap_or(0xff);
         // Time passes: within the attempt, or to its end (a timeout).
@@ -75,7 +89,10 @@ fuzz_target!(|data: &[u8]| {
         last_truncated_udp = false;
         match ev % 4 {
             0 | 1 => {
-                let meta = ReplyMeta { rcode: (ev >> 2) % 6, truncated: ev & 0x80 != 0 };
+                let meta = ReplyMeta {
+                    rcode: (ev >> 2) % 6,
+                    truncated: ev & 0x80 != 0,
+                };
                 last_truncated_udp = meta.truncated
                     && a.transport == Transport::Udp
                     && transport == ZoneTransport::PreferUdp;
@@ -83,7 +100,12 @@ fuzz_target!(|data: &[u8]| {
                 let _ = ex.handle_reply(&a, meta, replies_given, now);
             }
             2 => {
-                let err = [AttemptError::Timeout, AttemptError::Network, AttemptError::Refused, AttemptError::Malformed][usize::from(ev >> 6)];
+                let err = [
+                    AttemptError::Timeout,
+                    AttemptError::Network,
+                    AttemptError::Refused,
+                    AttemptError::Malformed,
+                ][usize::from(ev >> 6)];
                 let _ = ex.handle_failure(&a, err, now);
             }
             _ => {

@@ -10,7 +10,9 @@ use nodedns::wire::scan_query;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(view) = scan_query(data) else { return };
-    let Ok(m) = Message::from_vec(data) else { return };
+    let Ok(m) = Message::from_vec(data) else {
+        return;
+    };
     let q = m.queries.first().expect("one question");
     assert_eq!(u16::from(q.query_type()), view.key.qtype);
     assert_eq!(u16::from(q.query_class()), view.key.qclass);
