@@ -467,10 +467,13 @@ impl Config {
             reload: Some(self.reload_interval),
             log_queries: self.log_queries,
             loop_detect: self.loop_detect,
-            cache_file: self.cache_file.clone().map(|(path, every)| model::CacheFile {
-                path,
-                interval: Some(every),
-            }),
+            cache_file: self
+                .cache_file
+                .clone()
+                .map(|(path, every)| model::CacheFile {
+                    path,
+                    interval: Some(every),
+                }),
             inputs: self.inputs.clone(),
         }
     }

@@ -301,9 +301,15 @@ mod tests {
         };
         let config = |file: &str| {
             crate::config::Cli::parse_args(
-                ["nodedns", "--listen", "127.0.0.1:5300", "--conf", "/c/Corefile"]
-                    .into_iter()
-                    .map(String::from),
+                [
+                    "nodedns",
+                    "--listen",
+                    "127.0.0.1:5300",
+                    "--conf",
+                    "/c/Corefile",
+                ]
+                .into_iter()
+                .map(String::from),
             )
             .unwrap()
             .into_config_from(&src(file))
@@ -311,7 +317,11 @@ mod tests {
         };
         let old = config("file /a.bin 1m");
         assert_eq!(restart_needed(&old, &config("file /a.bin 1m")), None);
-        assert_eq!(restart_needed(&old, &config("file /a.bin")), None, "1m is the default");
+        assert_eq!(
+            restart_needed(&old, &config("file /a.bin")),
+            None,
+            "1m is the default"
+        );
         for changed in ["file /b.bin 1m", "file /a.bin 2m", "success 100"] {
             assert_eq!(
                 restart_needed(&old, &config(changed)),

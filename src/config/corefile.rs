@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use super::common::{self, MAX_UPSTREAMS};
 use super::model::{
-    CacheFile, CachePolicy, ForwardOptions, Health, LoopDetect, Model, ModelError, Origin, Policy, Prefetch,
-    ServeStale, Sources, Transport, Zone, normalize_zone,
+    CacheFile, CachePolicy, ForwardOptions, Health, LoopDetect, Model, ModelError, Origin, Policy,
+    Prefetch, ServeStale, Sources, Transport, Zone, normalize_zone,
 };
 
 /// Deepest `{}` nesting accepted (server block, plugin block, and one spare), so a hostile file
@@ -1210,11 +1210,7 @@ impl<'a> Builder<'a> {
 /// `PATH` or `PATH INTERVAL`, for an error message.
 fn describe_file(f: &CacheFile) -> String {
     match f.interval {
-        Some(i) => format!(
-            "{} {}",
-            f.path.display(),
-            common::format_duration(i)
-        ),
+        Some(i) => format!("{} {}", f.path.display(), common::format_duration(i)),
         None => f.path.display().to_string(),
     }
 }

@@ -749,8 +749,5 @@ fn the_cache_file_comes_from_the_file_unless_the_flag_says() {
     );
     // A file's bad value stops the start with its place.
     let e = conf(corefile("file /f/c.bin 100ms"), &["--conf", "/c/Corefile"]).unwrap_err();
-    assert_eq!(
-        e,
-        "/c/Corefile:3: cache file interval must be at least 1s"
-    );
+    assert_eq!(e, "/c/Corefile:3: cache file interval must be at least 1s");
 }

@@ -68,8 +68,8 @@ use toml::Spanned;
 
 use super::common::{self, MAX_UPSTREAMS};
 use super::model::{
-    CacheFile, CachePolicy, ForwardOptions, Health, LoopDetect, Model, ModelError, Origin, Policy, Prefetch,
-    ServeStale, Sources, Transport, Zone, normalize_zone,
+    CacheFile, CachePolicy, ForwardOptions, Health, LoopDetect, Model, ModelError, Origin, Policy,
+    Prefetch, ServeStale, Sources, Transport, Zone, normalize_zone,
 };
 use crate::config::service_env_prefix;
 

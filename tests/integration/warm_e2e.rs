@@ -149,7 +149,10 @@ async fn a_corefile_cache_file_survives_a_restart_without_upstream_queries() {
         let r = query_udp_retry(node.addr, &format!("{n}."), RecordType::A).await;
         assert_eq!(a_addrs(&r).len(), 1);
     }
-    assert!(!path.exists(), "not written before the interval or the stop");
+    assert!(
+        !path.exists(),
+        "not written before the interval or the stop"
+    );
     node.signal(Signal::SIGTERM);
     let st = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(10)));
     assert!(
@@ -174,4 +177,33 @@ async fn a_corefile_cache_file_survives_a_restart_without_upstream_queries() {
     }
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&conf);
+}
+
+/// A file longer than this cache's budget could have written is not read (a load holds at most
+/// the budget's worth besides the cache): one warning naming the reason, a cold start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_longer_than_the_cache_budget_is_not_read() {
+    let up = upstream_with_names().await;
+    let path = file("over-budget");
+    fill_and_stop(&up, &path, &[]).await;
+    let small = [
+        "--cache-file",
+        path.to_str().unwrap(),
+        "--cache-bytes",
+        "40",
+        "--negative-cache-bytes",
+        "40",
+        "--cache-size",
+        "1",
+        "--negative-cache-size",
+        "1",
+    ];
+    let node = Nodedns::with_upstream(&up, &small).await;
+    let warned = wait_until(Duration::from_secs(5), || {
+        node.stderr_text()
+            .contains("longer than this cache's budget")
+    })
+    .await;
+    assert!(warned, "{}", node.stderr_text());
+    let _ = std::fs::remove_file(&path);
 }

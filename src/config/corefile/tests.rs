@@ -509,18 +509,16 @@ fn cache_file_is_one_for_every_block() {
             interval: None,
         })
     );
-    assert_eq!(
-        m.zones[0].cache,
-        capped(30),
-        "file changes no cache policy"
-    );
+    assert_eq!(m.zones[0].cache, capped(30), "file changes no cache policy");
     let m = p(". {\n forward . 1.1.1.1\n}\n").unwrap();
     assert_eq!(m.cache_file, None);
     // The same file in several blocks (the addon repeats its cache settings) is fine; a block
     // without one is fine too.
-    let m = p("a.org {\n cache {\n  file \"/d/c.bin\" 2m\n }\n forward . 1.1.1.1\n}\n\
+    let m = p(
+        "a.org {\n cache {\n  file \"/d/c.bin\" 2m\n }\n forward . 1.1.1.1\n}\n\
                b.org {\n cache 5\n forward . 1.1.1.1\n}\n\
-               . {\n cache {\n  file /d/c.bin 2m\n }\n forward . 1.1.1.1\n}\n")
+               . {\n cache {\n  file /d/c.bin 2m\n }\n forward . 1.1.1.1\n}\n",
+    )
     .unwrap();
     assert_eq!(
         m.cache_file,
@@ -533,16 +531,32 @@ fn cache_file_is_one_for_every_block() {
 
 #[test]
 fn cache_file_errors_name_the_line() {
-    let block = |opt: &str| format!(".:53 {{\n    cache 30 {{\n        {opt}\n    }}\n{OK_FWD}}}\n");
+    let block =
+        |opt: &str| format!(".:53 {{\n    cache 30 {{\n        {opt}\n    }}\n{OK_FWD}}}\n");
     for (opt, want) in [
         ("file", "Corefile:3: cache file takes PATH [INTERVAL]"),
-        ("file /a 1m extra", "Corefile:3: cache file takes PATH [INTERVAL]"),
+        (
+            "file /a 1m extra",
+            "Corefile:3: cache file takes PATH [INTERVAL]",
+        ),
         ("file \"\"", "Corefile:3: cache file: the path is empty"),
         ("file \" \"", "Corefile:3: cache file: the path is empty"),
-        ("file \"a\nb\"", "Corefile:3: cache file: control character in the path"),
-        ("file /a 500ms", "Corefile:3: cache file interval must be at least 1s"),
-        ("file /a 0", "Corefile:3: cache file interval must be at least 1s"),
-        ("file /a soon", "Corefile:3: cache file interval: invalid duration"),
+        (
+            "file \"a\nb\"",
+            "Corefile:3: cache file: control character in the path",
+        ),
+        (
+            "file /a 500ms",
+            "Corefile:3: cache file interval must be at least 1s",
+        ),
+        (
+            "file /a 0",
+            "Corefile:3: cache file interval must be at least 1s",
+        ),
+        (
+            "file /a soon",
+            "Corefile:3: cache file interval: invalid duration",
+        ),
         ("file /a {\n }", "Corefile:3: cache file takes no block"),
     ] {
         assert_error(&block(opt), want);

@@ -195,11 +195,24 @@ fn cache_file_and_its_interval() {
     );
     let back = parse(&to_toml(&m), "printed.toml", &FakeSources::default()).unwrap();
     assert_eq!(back.cache_file, m.cache_file);
-    assert_eq!(p("cache_file = \"c.bin\"\n").unwrap().cache_file.unwrap().interval, None);
+    assert_eq!(
+        p("cache_file = \"c.bin\"\n")
+            .unwrap()
+            .cache_file
+            .unwrap()
+            .interval,
+        None
+    );
     assert_eq!(p("").unwrap().cache_file, None);
     for (head, want) in [
-        ("cache_file = \"\"\n", "n.toml:1: cache_file: the path is empty"),
-        ("cache_file = \"a\\tb\"\n", "n.toml:1: cache_file: control character"),
+        (
+            "cache_file = \"\"\n",
+            "n.toml:1: cache_file: the path is empty",
+        ),
+        (
+            "cache_file = \"a\\tb\"\n",
+            "n.toml:1: cache_file: control character",
+        ),
         (
             "cache_file = \"/a\"\ncache_file_interval = \"999ms\"\n",
             "n.toml:2: cache_file_interval must be at least 1s",
