@@ -74,12 +74,25 @@ fn save(ctx: &Ctx, path: &Path) -> std::io::Result<usize> {
         SystemTime::now(),
         Instant::now(),
     );
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(entries.len())
+    // Unique per write, not only per process: in a surge rollout two pods share the directory
+    // and, each in its own PID namespace, may both be PID 1. `create_new`: never another's file.
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = path.with_extension(format!("tmp.{}.{nanos}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    let done = f
+        .write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if done.is_err() {
+        // A full disk must not leave a temp file per interval behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done.map(|()| entries.len())
 }
 
 /// Loads, merges, and writes every `interval` and once more when `stop` flips. Runs on the control
