@@ -11,6 +11,10 @@
 #   fixed    the hot set at a fixed 20,000 qps with dnsperf -Q 20000
 #   mixed    90% hot set, 10% never-repeated names (rnd-<run>-<n>.cluster.local: NXDOMAIN), loadgen
 #   fill     100,000 distinct names once, then again from cache, to read the peak RSS (VmHWM)
+#   warm     nodedns only (unbound keeps no cache file): start to first answer with a cache file
+#            written by a previous run (--cache-file; the hot set filled, then SIGTERM, which
+#            writes the file), measured with nsd stopped (SIGSTOP), so the answer can only come
+#            from the file; checked with dig for a second cached name while nsd is still stopped
 # Also: start to first answer (process start to the first reply, via upstream), idle RSS.
 #
 # Reported: qps, the server's CPU share (utime+stime from /proc/PID/stat over the run), queries per
@@ -21,7 +25,7 @@
 # (unbound module-config "iterator"); ample cache sizes for 100k names on both.
 #
 # Usage (as root): bench/e2e.sh            DURATION=10 SERVER_CPU=0 LOAD_CPU=1 WINDOW=128
-#   WORKLOADS="hot fixed mixed fill" (a subset runs only those)  SERVERS="nodedns unbound"
+#   WORKLOADS="hot fixed mixed fill warm" (a subset runs only those)  SERVERS="nodedns unbound"
 #   NODEDNS_BIN=path/to/nodedns (another build, for A/B)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +40,7 @@ NSD_PORT=${NSD_PORT:-25353}
 NODEDNS_PORT=${NODEDNS_PORT:-25354}
 UNBOUND_PORT=${UNBOUND_PORT:-25355}
 LOOP=127.0.0.1
-WORKLOADS=${WORKLOADS:-hot fixed mixed fill}
+WORKLOADS=${WORKLOADS:-hot fixed mixed fill warm}
 SERVERS=${SERVERS:-nodedns unbound}
 want() { [[ " $WORKLOADS " == *" $1 "* ]]; }
 
@@ -45,10 +49,10 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 1
 fi
 missing=()
-for c in unbound nsd dnsperf; do command -v "$c" >/dev/null || missing+=("$c"); done
+for c in unbound nsd dnsperf dig; do command -v "$c" >/dev/null || missing+=("$c"); done
 if ((${#missing[@]})); then
-    echo "e2e.sh: installing unbound nsd dnsperf" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq unbound nsd dnsperf >/dev/null
+    echo "e2e.sh: installing unbound nsd dnsperf dnsutils" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq unbound nsd dnsperf dnsutils >/dev/null
 fi
 
 cargo build --release --quiet
@@ -59,7 +63,10 @@ CLK_TCK=$(getconf CLK_TCK)
 
 TMP=$(mktemp -d /tmp/nodedns-e2e.XXXXXX)
 PIDS=()
+NSD_PID=
 cleanup() {
+    # nsd may be stopped (the warm workload): a stopped process acts on SIGTERM only once resumed.
+    [[ -n $NSD_PID ]] && kill -CONT "$NSD_PID" 2>/dev/null || true
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     rm -rf "$TMP"
@@ -100,7 +107,8 @@ zone:
     zonefile: cluster.local.zone
 EOF
 taskset -c "$LOAD_CPU" nsd -d -c "$TMP/nsd.conf" &
-PIDS+=($!)
+NSD_PID=$!
+PIDS+=("$NSD_PID")
 "$LOADGEN" --server "$LOOP:$NSD_PORT" --first-answer --duration 20 >/dev/null
 
 # --- the servers -----------------------------------------------------------------------------------
@@ -143,7 +151,8 @@ wakeups() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '$1 == "voluntary_ctx
 status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 field() { sed -n "s/.*\b$1=\([0-9.]*\).*/\1/p" <<<"$2"; }
 
-# start NAME: starts the server pinned to SERVER_CPU, sets PID and START_MS (start to first answer).
+# start NAME [ARGS...]: starts the server pinned to SERVER_CPU (nodedns with ARGS added), sets PID
+# and START_MS (start to first answer).
 start() {
     local t0
     t0=$(now_ns)
@@ -151,8 +160,8 @@ start() {
     nodedns)
         taskset -c "$SERVER_CPU" "$NODEDNS" --listen "$LOOP:$NODEDNS_PORT" --upstream "$LOOP:$NSD_PORT" \
             --setup-interface=false --firewall none --metrics-listen off --health-listen off \
-            --workers 1 --cache-size 120000 --cache-bytes 64M --log-level warn \
-            2>"$TMP/nodedns.log" &
+            --workers 1 --cache-size 120000 --cache-bytes 64M --log-level warn "${@:2}" \
+            2>>"$TMP/nodedns.log" &
         PORT=$NODEDNS_PORT
         ;;
     unbound)
@@ -188,7 +197,7 @@ declare -A R
 # Every cell starts empty, so a subset of WORKLOADS still prints the table (set -u).
 for s in nodedns unbound; do
     for k in start_ms idle_rss hot_qps hot_cpu hot_lat hot_lost fixed_qps fixed_cpu fixed_wakes fixed_lat fixed_lost \
-        mixed_qps mixed_cpu mixed_lat mixed_lost fill_lost rss_100k peak_rss; do
+        mixed_qps mixed_cpu mixed_lat mixed_lost fill_lost rss_100k peak_rss warm_start_ms; do
         R[$s.$k]=
     done
 done
@@ -248,7 +257,38 @@ run_server() {
     wait "$PID" 2>/dev/null || true
 }
 
+# warm_start: nodedns's start to first answer from a cache file written by a previous run (see the
+# header). --shutdown-grace 0: the stop writes the file at once (the grace is no part of a start).
+warm_start() {
+    local file=$TMP/cache.bin last ans want
+    rm -f "$file"
+    start nodedns --cache-file "$file" --shutdown-grace 0
+    loadgen --hot $HOT --sequential --duration 5 --window 16 >/dev/null 2>&1
+    kill "$PID"
+    wait "$PID" 2>/dev/null || true
+    if [[ ! -s $file ]]; then
+        echo "e2e.sh: nodedns wrote no cache file at stop (see $TMP/nodedns.log)" >&2
+        exit 1
+    fi
+    kill -STOP "$NSD_PID"
+    start nodedns --cache-file "$file" --shutdown-grace 0
+    # Another cached name than the timed one (h0), while nsd still cannot answer.
+    last=$((HOT - 1))
+    want="10.$((last / 65536 % 256)).$((last / 256 % 256)).$((last % 256))"
+    ans=$(dig +short +tries=1 +time=1 -p "$NODEDNS_PORT" @"$LOOP" "h$last.cluster.local" A 2>&1 || true)
+    kill -CONT "$NSD_PID"
+    kill "$PID"
+    wait "$PID" 2>/dev/null || true
+    if [[ $ans != "$want" ]]; then
+        echo "e2e.sh: warm start: h$last.cluster.local gave ${ans:-nothing}, not $want from the cache file" >&2
+        exit 1
+    fi
+    R[nodedns.warm_start_ms]=$START_MS
+    echo "nodedns warm start: ${START_MS} ms to the first answer from the cache file" >&2
+}
+
 for s in $SERVERS; do run_server "$s"; done
+if want warm && [[ " $SERVERS " == *" nodedns "* ]]; then warm_start; fi
 
 # --- the table -------------------------------------------------------------------------------------
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
@@ -284,3 +324,4 @@ row "100k names: RSS after filling (MB)" "$(mb "${R[nodedns.rss_100k]}")" "$(mb 
 row "peak RSS, VmHWM (MB)" "$(mb "${R[nodedns.peak_rss]}")" "$(mb "${R[unbound.peak_rss]}")"
 row "idle RSS after start (MB)" "$(mb "${R[nodedns.idle_rss]}")" "$(mb "${R[unbound.idle_rss]}")"
 row "start to first answer (ms)" "${R[nodedns.start_ms]}" "${R[unbound.start_ms]}"
+row "start to first answer, warm cache file (ms)" "${R[nodedns.warm_start_ms]}" "${R[unbound.warm_start_ms]}"

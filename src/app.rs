@@ -388,7 +388,14 @@ pub async fn run(
 
     // The cache file, once the listeners answer (a cold cache never delays the first answer).
     let warm = config.cache_file.clone().map(|(path, every)| {
-        tokio::spawn(crate::warm::run(ctx.clone(), path, every, stop_rx.clone()))
+        let max_len = crate::persist::max_file_len(&config.limits);
+        tokio::spawn(crate::warm::run(
+            ctx.clone(),
+            path,
+            every,
+            max_len,
+            stop_rx.clone(),
+        ))
     });
 
     let reloader = rebuild.zip(signals).map(|(rebuild, signals)| {

@@ -14,6 +14,8 @@ pub use crate::logging::LogFormat;
 
 pub mod addon;
 mod common;
+#[cfg(test)]
+pub(crate) use common::FakeSources;
 pub mod corefile;
 pub mod model;
 pub mod toml_file;
@@ -465,6 +467,13 @@ impl Config {
             reload: Some(self.reload_interval),
             log_queries: self.log_queries,
             loop_detect: self.loop_detect,
+            cache_file: self
+                .cache_file
+                .clone()
+                .map(|(path, every)| model::CacheFile {
+                    path,
+                    interval: Some(every),
+                }),
             inputs: self.inputs.clone(),
         }
     }
@@ -1154,6 +1163,17 @@ impl Cli {
             Some(m) if !self.given("loop_detect") => m.loop_detect,
             _ => self.loop_detect,
         };
+        // The cache file is the node's too: an explicit --cache-file (path) and
+        // --cache-file-interval each win over the file's `cache { file PATH [INTERVAL] }`.
+        let file_cache = file.as_ref().and_then(|m| m.cache_file.clone());
+        let cache_file_path = match (&file_cache, self.given("cache_file")) {
+            (Some(f), false) => Some(f.path.clone()),
+            _ => self.cache_file.clone(),
+        };
+        let cache_file_interval = match file_cache.and_then(|f| f.interval) {
+            Some(i) if !self.given("cache_file_interval") => i,
+            _ => self.cache_file_interval,
+        };
         let zones = match file {
             None => {
                 if self.upstream.is_empty() && !self.forward.iter().any(|z| z.zone == ".") {
@@ -1317,7 +1337,7 @@ impl Cli {
         if self.sync_interval.is_zero() {
             return bad("--sync-interval must be above zero".into());
         }
-        if self.cache_file_interval < Duration::from_secs(1) {
+        if cache_file_interval < Duration::from_secs(1) {
             return bad("--cache-file-interval must be at least 1s".into());
         }
         if self.reload_interval < Duration::from_millis(100) {
@@ -1336,10 +1356,7 @@ impl Cli {
             reload_interval,
             shutdown_grace,
             inert,
-            cache_file: self
-                .cache_file
-                .clone()
-                .map(|p| (p, self.cache_file_interval)),
+            cache_file: cache_file_path.map(|p| (p, cache_file_interval)),
             node: NodeOptions {
                 setup_interface: self.setup_interface,
                 interface: self.interface.clone(),

@@ -36,13 +36,29 @@ pub enum PersistError {
     Corrupt(&'static str),
 }
 
-/// One entry as found in a file, validated only for framing.
+/// One entry as found in a file, validated only for framing. The message borrows the file's
+/// bytes: a load holds the file once, not a second copy of every message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stored {
+pub struct Stored<'a> {
     /// Key flags: bit 0 DO, bit 1 CD.
     pub bits: u8,
     pub stored_unix_ms: u64,
-    pub message: Vec<u8>,
+    pub message: &'a [u8],
+}
+
+/// The longest cache file a cache with these limits writes: every message fits in its entry's
+/// byte budget, plus the framing. A longer file was written under a larger cache (or by someone
+/// else) and is not read, so a load holds at most this much besides the cache itself.
+pub fn max_file_len(limits: &crate::cache::Limits) -> u64 {
+    let entries = limits
+        .positive_entries
+        .saturating_add(limits.negative_entries)
+        .min(MAX_ENTRIES as usize) as u64;
+    limits
+        .positive_bytes
+        .saturating_add(limits.negative_bytes)
+        .saturating_add(entries.saturating_mul(11))
+        .saturating_add((HEADER + 8) as u64)
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -100,7 +116,7 @@ pub fn encode<'a>(
 }
 
 /// Reads a cache file's entries; any framing problem rejects the whole file.
-pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<Vec<Stored>, PersistError> {
+pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<Vec<Stored<'_>>, PersistError> {
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
         return Err(PersistError::BadMagic);
     }
@@ -142,8 +158,7 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<Vec<Stored>, PersistErro
         pos += 11;
         let message = body
             .get(pos..pos + len)
-            .ok_or(PersistError::Corrupt("message past the end"))?
-            .to_vec();
+            .ok_or(PersistError::Corrupt("message past the end"))?;
         pos += len;
         out.push(Stored {
             bits: bits & 0b11,
@@ -161,12 +176,12 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<Vec<Stored>, PersistErro
 /// (the current zone's), with its store time moved to the monotonic clock. `None` when the message
 /// does not validate, is not cacheable, or is past its lifetime and serve-stale window.
 pub fn revive(
-    s: &Stored,
+    s: &Stored<'_>,
     policy_for: impl Fn(&[u8]) -> Option<TtlPolicy>,
     wall_now: SystemTime,
     mono_now: Instant,
 ) -> Option<(Vec<u8>, Response)> {
-    let msg = &s.message;
+    let msg = s.message;
     let question_end = wire::question_end(msg)?;
     // The query this entry answers: its question, its RD/CD bits, an OPT carrying its DO bit.
     let mut q = Vec::with_capacity(question_end + 11);

@@ -288,4 +288,46 @@ mod tests {
         assert_ne!(m, fingerprint(&missing), "a file appearing is a change");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// The cache file's path and interval are read once, at start (the writer task owns them):
+    /// a reload that changes either, from the Corefile's `cache { file }` or a flag, is refused.
+    #[test]
+    fn a_changed_cache_file_needs_a_restart() {
+        let src = |file: &str| {
+            crate::config::FakeSources::default().with_file(
+                "/c/Corefile",
+                &format!(".:53 {{\n cache 30 {{\n  {file}\n }}\n forward . 10.0.0.1\n}}\n"),
+            )
+        };
+        let config = |file: &str| {
+            crate::config::Cli::parse_args(
+                [
+                    "nodedns",
+                    "--listen",
+                    "127.0.0.1:5300",
+                    "--conf",
+                    "/c/Corefile",
+                ]
+                .into_iter()
+                .map(String::from),
+            )
+            .unwrap()
+            .into_config_from(&src(file))
+            .unwrap()
+        };
+        let old = config("file /a.bin 1m");
+        assert_eq!(restart_needed(&old, &config("file /a.bin 1m")), None);
+        assert_eq!(
+            restart_needed(&old, &config("file /a.bin")),
+            None,
+            "1m is the default"
+        );
+        for changed in ["file /b.bin 1m", "file /a.bin 2m", "success 100"] {
+            assert_eq!(
+                restart_needed(&old, &config(changed)),
+                Some("the cache file changed"),
+                "{changed}"
+            );
+        }
+    }
 }

@@ -25,10 +25,23 @@ fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// Reads `path` into the cache; `only_missing` keeps entries already present. Returns how many
+/// Reads `path` into the cache; `only_missing` keeps entries already present. A file longer than
+/// `max_len` ([`persist::max_file_len`] of the cache's limits) is not read. Returns how many
 /// entries were stored, or the one-line reason the file was ignored.
-fn load(ctx: &Ctx, path: &Path, only_missing: bool) -> Result<usize, String> {
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+fn load(ctx: &Ctx, path: &Path, only_missing: bool, max_len: u64) -> Result<usize, String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    // Bounded even if the file grows while it is read.
+    f.take(max_len.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > max_len {
+        return Err(format!(
+            "the cache file is longer than this cache's budget can fill ({max_len} bytes; \
+             written under larger --cache-bytes?)"
+        ));
+    }
     let upstreams = ctx.upstreams();
     let entries = persist::decode(&bytes, upstreams.fingerprint()).map_err(|e| e.to_string())?;
     let (wall, mono) = (SystemTime::now(), Instant::now());
@@ -61,12 +74,25 @@ fn save(ctx: &Ctx, path: &Path) -> std::io::Result<usize> {
         SystemTime::now(),
         Instant::now(),
     );
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(entries.len())
+    // Unique per write, not only per process: in a surge rollout two pods share the directory
+    // and, each in its own PID namespace, may both be PID 1. `create_new`: never another's file.
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = path.with_extension(format!("tmp.{}.{nanos}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    let done = f
+        .write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if done.is_err() {
+        // A full disk must not leave a temp file per interval behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done.map(|()| entries.len())
 }
 
 /// Loads, merges, and writes every `interval` and once more when `stop` flips. Runs on the control
@@ -75,13 +101,14 @@ pub async fn run(
     ctx: Arc<Ctx>,
     path: PathBuf,
     interval: Duration,
+    max_len: u64,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut seen = modified(&path);
     let started = Instant::now();
     if seen.is_some() {
         let (c, p) = (ctx.clone(), path.clone());
-        match tokio::task::spawn_blocking(move || load(&c, &p, false)).await {
+        match tokio::task::spawn_blocking(move || load(&c, &p, false, max_len)).await {
             Ok(Ok(n)) => {
                 tracing::info!(path = %path.display(), entries = n, "warm start from the cache file")
             }
@@ -107,7 +134,9 @@ pub async fn run(
         if watching && modified(&path) != seen {
             merged = true;
             let (c, p) = (ctx.clone(), path.clone());
-            if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || load(&c, &p, true)).await {
+            if let Ok(Ok(n)) =
+                tokio::task::spawn_blocking(move || load(&c, &p, true, max_len)).await
+            {
                 tracing::info!(path = %path.display(), entries = n, "merged the previous instance's cache file");
             }
         }

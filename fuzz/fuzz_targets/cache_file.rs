@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     let one = Stored {
         bits: data.first().copied().unwrap_or(0) & 3,
         stored_unix_ms: 0,
-        message: data.to_vec(),
+        message: data,
     };
     for s in entries.iter().chain(std::iter::once(&one)) {
         let policy = |_: &[u8]| {

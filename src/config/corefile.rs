@@ -16,6 +16,10 @@
 //!   of `bind` addresses, and there is one `health`/`ready`/`prometheus` endpoint per file;
 //! - a block's cache TTL floor is clamped to its cap, which is what CoreDNS's arithmetic does
 //!   (the cap is applied last), written down once here instead of at every lookup.
+//!
+//! nodedns's own additions (CoreDNS has no such option): `policy fastest` in `forward`, and
+//! `file PATH [INTERVAL]` in `cache`, the warm-restart cache file (`--cache-file`). One cache
+//! serves every zone, so blocks that name a file must name the same one.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -24,8 +28,8 @@ use std::time::Duration;
 
 use super::common::{self, MAX_UPSTREAMS};
 use super::model::{
-    CachePolicy, ForwardOptions, Health, LoopDetect, Model, ModelError, Origin, Policy, Prefetch,
-    ServeStale, Sources, Transport, Zone, normalize_zone,
+    CacheFile, CachePolicy, ForwardOptions, Health, LoopDetect, Model, ModelError, Origin, Policy,
+    Prefetch, ServeStale, Sources, Transport, Zone, normalize_zone,
 };
 
 /// Deepest `{}` nesting accepted (server block, plugin block, and one spare), so a hostile file
@@ -385,6 +389,8 @@ struct Builder<'a> {
     reload: Option<(Duration, usize)>,
     log_queries: bool,
     loop_detect: LoopDetect,
+    /// `cache { file PATH [INTERVAL] }` and its line.
+    cache_file: Option<(CacheFile, usize)>,
     inputs: Vec<PathBuf>,
 }
 
@@ -400,6 +406,7 @@ impl<'a> Builder<'a> {
             reload: None,
             log_queries: false,
             loop_detect: LoopDetect::Off,
+            cache_file: None,
             inputs: Vec::new(),
         }
     }
@@ -514,6 +521,7 @@ impl<'a> Builder<'a> {
             reload: self.reload.map(|r| r.0),
             log_queries: self.log_queries,
             loop_detect: self.loop_detect,
+            cache_file: self.cache_file.map(|c| c.0),
             inputs: self.inputs,
         })
     }
@@ -593,6 +601,10 @@ impl<'a> Builder<'a> {
                 "cache" => {
                     dup(self, cache.as_ref().map(|c| c.1))?;
                     cache = Some((self.cache(d, &names)?, line));
+                    for o in d.block.iter().flatten().filter(|o| o.name == "file") {
+                        let f = self.cache_file(o)?;
+                        self.cache_file = Some(self.once_file(f, o.line)?);
+                    }
                 }
                 "forward" => {
                     dup(self, forward.as_ref().map(|f| f.1))?;
@@ -688,6 +700,52 @@ impl<'a> Builder<'a> {
             )),
             Some(p) => Ok(p),
             None => Ok((v, line)),
+        }
+    }
+
+    /// `file PATH [INTERVAL]` inside `cache` (nodedns's own: CoreDNS's cache has no file).
+    fn cache_file(&self, o: &Directive) -> Result<CacheFile, ModelError> {
+        let line = o.line;
+        let (path, interval) = match o.args.as_slice() {
+            [p] => (p, None),
+            [p, i] => (p, Some(i)),
+            _ => return Err(self.err(line, "cache file takes PATH [INTERVAL]")),
+        };
+        if path.trim().is_empty() {
+            return Err(self.err(line, "cache file: the path is empty"));
+        }
+        if path.chars().any(char::is_control) {
+            return Err(self.err(line, "cache file: control character in the path"));
+        }
+        let interval = interval
+            .map(|i| {
+                let d = self.duration(i, line, "cache file interval")?;
+                if d < Duration::from_secs(1) {
+                    return Err(self.err(line, "cache file interval must be at least 1s"));
+                }
+                Ok(d)
+            })
+            .transpose()?;
+        Ok(CacheFile {
+            path: PathBuf::from(path),
+            interval,
+        })
+    }
+
+    /// The cache file named in several blocks: one cache serves every zone, so they must agree.
+    fn once_file(&self, f: CacheFile, line: usize) -> Result<(CacheFile, usize), ModelError> {
+        match &self.cache_file {
+            Some((p, l)) if *p != f => Err(self.err(
+                line,
+                format!(
+                    "cache file {} differs from cache file {} at line {l} (nodedns has one cache \
+                     for every zone)",
+                    describe_file(&f),
+                    describe_file(p)
+                ),
+            )),
+            Some(p) => Ok(p.clone()),
+            None => Ok((f, line)),
         }
     }
 
@@ -969,6 +1027,8 @@ impl<'a> Builder<'a> {
                         }
                     }
                 }
+                // Read by `server` into the file-wide setting (see `cache_file`).
+                "file" => {}
                 "keepttl" => {
                     return Err(self.err(line, "cache keepttl is not supported"));
                 }
@@ -1144,6 +1204,14 @@ impl<'a> Builder<'a> {
             f.transport = Transport::Tcp;
         }
         Ok(f)
+    }
+}
+
+/// `PATH` or `PATH INTERVAL`, for an error message.
+fn describe_file(f: &CacheFile) -> String {
+    match f.interval {
+        Some(i) => format!("{} {}", f.path.display(), common::format_duration(i)),
+        None => f.path.display().to_string(),
     }
 }
 

@@ -294,6 +294,16 @@ pub struct Health {
     pub lameduck: Duration,
 }
 
+/// The warm-restart cache file (`--cache-file`; a Corefile's nodedns-only `cache { file PATH
+/// [INTERVAL] }`, TOML's `cache_file`/`cache_file_interval`). One cache serves every zone, so a
+/// file has at most one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheFile {
+    pub path: PathBuf,
+    /// How often it is written; `None`: not said (the flag's value, 60 s by default).
+    pub interval: Option<Duration>,
+}
+
 /// Everything a configuration file (or the flags) says about DNS service. Node setup (interface,
 /// firewall, sync interval) stays with the flags.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
@@ -316,6 +326,8 @@ pub struct Model {
     pub log_queries: bool,
     /// Loop detection at start (`loop`, `loop fatal`; see [`LoopDetect`]).
     pub loop_detect: LoopDetect,
+    /// The cache file, if the file names one.
+    pub cache_file: Option<CacheFile>,
     /// Files this model was read from (Corefile, template, resolv.conf, ConfigMap keys): the reload
     /// poller hashes them.
     pub inputs: Vec<PathBuf>,

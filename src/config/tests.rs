@@ -690,3 +690,64 @@ fn loop_detection_defaults_on_for_flags_and_follows_a_file_unless_the_flag_is_gi
         "loop is no longer inert"
     );
 }
+
+/// A file's `cache { file PATH [INTERVAL] }` (or TOML's `cache_file`) sets the cache file; an
+/// explicit `--cache-file` or `--cache-file-interval` wins, each on its own.
+#[test]
+fn the_cache_file_comes_from_the_file_unless_the_flag_says() {
+    let corefile = |file: &str| {
+        format!(".:53 {{\n    cache 30 {{\n        {file}\n    }}\n    forward . 10.0.0.1\n}}\n")
+    };
+    let conf = |text: String, extra: &[&str]| {
+        let src = common::FakeSources::default()
+            .with_file("/c/Corefile", &text)
+            .with_file(
+                "/c/n.toml",
+                "cache_file = \"/t/c.bin\"\ncache_file_interval = \"5m\"\n[[zone]]\nname = \".\"\nservers = [\"10.0.0.1\"]\n",
+            );
+        let mut args = vec!["nodedns", "--listen", "127.0.0.1:5300"];
+        args.extend_from_slice(extra);
+        Cli::parse_args(args.into_iter().map(String::from))
+            .map_err(|e| e.to_string())
+            .and_then(|c| c.into_config_from(&src).map_err(|e| e.to_string()))
+            .map(|c| c.cache_file)
+    };
+    let p = |s: &str| PathBuf::from(s);
+    let secs = Duration::from_secs;
+    let with = |f: &str| conf(corefile(f), &["--conf", "/c/Corefile"]).unwrap();
+    assert_eq!(with("file /f/c.bin 2m"), Some((p("/f/c.bin"), secs(120))));
+    assert_eq!(
+        with("file /f/c.bin"),
+        Some((p("/f/c.bin"), secs(60))),
+        "the flag's default interval"
+    );
+    assert_eq!(with("success 100"), None, "no file, no flag: none");
+    let flags = |f: &str, extra: &[&str]| {
+        let mut a = vec!["--conf", "/c/Corefile"];
+        a.extend_from_slice(extra);
+        conf(corefile(f), &a).unwrap()
+    };
+    assert_eq!(
+        flags("file /f/c.bin 2m", &["--cache-file", "/x.bin"]),
+        Some((p("/x.bin"), secs(120))),
+        "the path flag wins, the file's interval stays"
+    );
+    assert_eq!(
+        flags("file /f/c.bin 2m", &["--cache-file-interval", "10s"]),
+        Some((p("/f/c.bin"), secs(10))),
+        "the interval flag wins"
+    );
+    assert_eq!(
+        flags("success 100", &["--cache-file", "/x.bin"]),
+        Some((p("/x.bin"), secs(60))),
+        "the flag alone, with a file that names none"
+    );
+    assert_eq!(
+        conf(String::new(), &["--conf", "/c/n.toml"]).unwrap(),
+        Some((p("/t/c.bin"), secs(300))),
+        "TOML"
+    );
+    // A file's bad value stops the start with its place.
+    let e = conf(corefile("file /f/c.bin 100ms"), &["--conf", "/c/Corefile"]).unwrap_err();
+    assert_eq!(e, "/c/Corefile:3: cache file interval must be at least 1s");
+}

@@ -13,6 +13,8 @@
 //! loop_detect = "on"                   # off (default) | on | fatal; true = on, false = off
 //! metrics = "0.0.0.0:9253"              # optional
 //! # ready = "0.0.0.0:8181"              # optional
+//! # cache_file = "/var/lib/nodedns/cache.bin"  # optional: warm restart (--cache-file)
+//! # cache_file_interval = "60s"         # optional, at least 1s (--cache-file-interval)
 //!
 //! [health]                              # optional
 //! addr = "169.254.20.10:8080"
@@ -66,8 +68,8 @@ use toml::Spanned;
 
 use super::common::{self, MAX_UPSTREAMS};
 use super::model::{
-    CachePolicy, ForwardOptions, Health, LoopDetect, Model, ModelError, Origin, Policy, Prefetch,
-    ServeStale, Sources, Transport, Zone, normalize_zone,
+    CacheFile, CachePolicy, ForwardOptions, Health, LoopDetect, Model, ModelError, Origin, Policy,
+    Prefetch, ServeStale, Sources, Transport, Zone, normalize_zone,
 };
 use crate::config::service_env_prefix;
 
@@ -83,6 +85,8 @@ struct FileT {
     health: Option<HealthT>,
     metrics: Option<Spanned<String>>,
     ready: Option<Spanned<String>>,
+    cache_file: Option<Spanned<String>>,
+    cache_file_interval: Option<Spanned<String>>,
     #[serde(default)]
     zone: Vec<ZoneT>,
 }
@@ -271,6 +275,7 @@ impl Reader<'_> {
                     .map_err(|e| self.err(l.span(), format!("loop_detect: {e}")))?,
             },
         };
+        let cache_file = self.cache_file(&f)?;
         let mut zones: Vec<Zone> = Vec::new();
         let mut seen: HashMap<String, usize> = HashMap::new();
         for z in &f.zone {
@@ -305,8 +310,39 @@ impl Reader<'_> {
             reload,
             log_queries: f.log_queries,
             loop_detect,
+            cache_file,
             inputs: self.inputs,
         })
+    }
+
+    /// `cache_file` and `cache_file_interval` (the flags' names).
+    fn cache_file(&self, f: &FileT) -> Result<Option<CacheFile>, ModelError> {
+        let interval = match &f.cache_file_interval {
+            Some(i) => {
+                let d = self.duration(i, "cache_file_interval")?;
+                if d < Duration::from_secs(1) {
+                    return Err(self.err(i.span(), "cache_file_interval must be at least 1s"));
+                }
+                Some(d)
+            }
+            None => None,
+        };
+        match &f.cache_file {
+            Some(p) if p.get_ref().trim().is_empty() => {
+                Err(self.err(p.span(), "cache_file: the path is empty"))
+            }
+            Some(p) if p.get_ref().chars().any(char::is_control) => {
+                Err(self.err(p.span(), "cache_file: control character in the path"))
+            }
+            Some(p) => Ok(Some(CacheFile {
+                path: PathBuf::from(p.get_ref()),
+                interval,
+            })),
+            None => match &f.cache_file_interval {
+                Some(i) => Err(self.err(i.span(), "cache_file_interval without cache_file")),
+                None => Ok(None),
+            },
+        }
     }
 
     fn server(&mut self, s: &Spanned<String>, out: &mut Vec<SocketAddr>) -> Result<(), ModelError> {
@@ -553,6 +589,12 @@ pub fn to_toml(m: &Model) -> String {
     }
     if let Some(a) = m.ready {
         o += &format!("ready = {}\n", q(&a.to_string()));
+    }
+    if let Some(c) = &m.cache_file {
+        o += &format!("cache_file = {}\n", q(&c.path.display().to_string()));
+        if let Some(i) = c.interval {
+            o += &format!("cache_file_interval = {}\n", d(i));
+        }
     }
     if let Some(h) = m.health {
         o += &format!(

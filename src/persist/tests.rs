@@ -58,7 +58,8 @@ fn round_trip_revives_entries_with_their_remaining_life() {
 fn expired_entries_and_other_zones_are_dropped() {
     let (wall, mono) = (SystemTime::now(), Instant::now());
     let a = entry("a.example.", 5, false, mono);
-    let got = decode(&encode([&a], 1, wall, mono), 1).unwrap();
+    let file = encode([&a], 1, wall, mono);
+    let got = decode(&file, 1).unwrap();
     let later = wall + Duration::from_secs(6);
     assert!(revive(&got[0], any_zone, later, mono + Duration::from_secs(3600)).is_none());
     let stale = |_: &[u8]| {
@@ -129,7 +130,36 @@ proptest::proptest! {
         let mut file = MAGIC.to_vec();
         file.extend_from_slice(&bytes);
         let _ = decode(&file, 0);
-        let s = Stored { bits: 3, stored_unix_ms: 0, message: bytes };
+        let s = Stored { bits: 3, stored_unix_ms: 0, message: &bytes };
         let _ = revive(&s, any_zone, SystemTime::now(), Instant::now());
     }
+}
+
+/// A cache filled past its byte budget writes a file within [`max_file_len`] of its limits (what
+/// a load reads at most).
+#[test]
+fn a_full_cache_writes_a_file_within_the_load_bound() {
+    let limits = Limits {
+        positive_entries: 10_000,
+        positive_bytes: 16 << 10,
+        negative_entries: 10_000,
+        negative_bytes: 4 << 10,
+    };
+    let cache = Cache::new(limits);
+    let now = Instant::now();
+    for i in 0..2000 {
+        let name = format!("host-{i}.example.");
+        let q = query(1, &name, RecordType::A, Some((1232, false)));
+        let v = scan_query(&q).unwrap();
+        cache.insert(&v.key, entry(&name, 300, false, now), now);
+    }
+    let snap = cache.snapshot();
+    assert!(snap.len() > 10, "the cache holds entries");
+    let file = encode(snap.iter(), 1, SystemTime::now(), now);
+    let bound = max_file_len(&limits);
+    assert!(
+        file.len() as u64 <= bound,
+        "{} bytes written, bound {bound}",
+        file.len()
+    );
 }

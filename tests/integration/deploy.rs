@@ -7,8 +7,11 @@
 //! because the test must read the manifest the operator applies, not a copy of its values.
 //!
 //! What the kubelet does and the test does by hand: the ConfigMap volume (`/etc/coredns`) is a
-//! directory of the test's, so an arg under a volume's `mountPath` is rewritten to it; `--link-kind
-//! bridge` is added because this kernel has no dummy link type. Everything else is verbatim.
+//! directory of the test's, so an arg under a volume's `mountPath` is rewritten to it; the node
+//! directories the manifest mounts (`hostPath` of type `DirectoryOrCreate`: the cache file's
+//! `/var/lib/nodedns`) are directories of the test's too, their `mountPath` rewritten in the args
+//! and the Corefile, so the test never writes outside its target directory; `--link-kind bridge`
+//! is added because this kernel has no dummy link type. Everything else is verbatim.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -96,6 +99,8 @@ struct Manifest {
     args: Vec<String>,
     env: Vec<(String, String)>,
     mount_paths: Vec<String>,
+    /// `mountPath`s of node directories (`hostPath` volumes of type `DirectoryOrCreate`).
+    host_dirs: Vec<String>,
     corefile: String,
     ready: (String, u16, String),
     live: (String, u16, String),
@@ -136,11 +141,30 @@ fn manifest(text: &str) -> Manifest {
         .iter()
         .map(|m| m["mountPath"].as_str().expect("mountPath").to_string())
         .collect();
+    let host_dir_volumes: Vec<&str> = pod["volumes"]
+        .as_vec()
+        .expect("volumes")
+        .iter()
+        .filter(|v| v["hostPath"]["type"].as_str() == Some("DirectoryOrCreate"))
+        .map(|v| v["name"].as_str().expect("volume name"))
+        .collect();
+    let host_dirs = c["volumeMounts"]
+        .as_vec()
+        .expect("volumeMounts")
+        .iter()
+        .filter(|m| {
+            m["name"]
+                .as_str()
+                .is_some_and(|n| host_dir_volumes.contains(&n))
+        })
+        .map(|m| m["mountPath"].as_str().expect("mountPath").to_string())
+        .collect();
     let cm = doc(&docs, "ConfigMap", "node-local-dns");
     Manifest {
         args: strings(&c["args"]),
         env,
         mount_paths,
+        host_dirs,
         corefile: cm["data"]["Corefile"]
             .as_str()
             .expect("ConfigMap data.Corefile")
@@ -282,22 +306,53 @@ fn the_manifest_as_shipped_serves_in_a_namespace() {
     );
     nd.stop();
     assert_eq!(ns.nodedns_rule_count(), 0, "teardown");
+    // The cache file the Corefile names, written at stop into the node directory (the hostPath).
+    assert_eq!(m.host_dirs, vec!["/var/lib/nodedns".to_string()]);
+    let cache_file = volume.join("host-0").join("cache.bin");
+    assert!(
+        m.corefile.contains("file /var/lib/nodedns/cache.bin"),
+        "the ConfigMap's Corefile names the cache file"
+    );
+    assert!(
+        cache_file.is_file(),
+        "{} written at stop\nstderr:\n{}",
+        cache_file.display(),
+        nd.stderr_text()
+    );
     let _ = std::fs::remove_dir_all(&volume);
 }
 
 /// Starts nodedns in `ns` as the kubelet would run the manifest's container: its args (the
 /// ConfigMap volume's mountPath rewritten to a directory holding the Corefile as Corefile.base, as
 /// the volume's `items` name it), its env plus the Service variables, and `--link-kind bridge`.
-/// Returns the process and the volume directory (remove it at the end).
+/// Each node directory's mountPath (see the module doc) becomes `VOLUME/host-N`, in the args and
+/// in the Corefile. Returns the process and the volume directory (remove it at the end).
 fn start_from_manifest(ns: &Netns, m: &Manifest) -> (NsNodedns, PathBuf) {
     let volume = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("deploy-{}", ns.name));
+    let _ = std::fs::remove_dir_all(&volume);
     std::fs::create_dir_all(&volume).expect("mkdir");
-    std::fs::write(volume.join("Corefile.base"), &m.corefile).expect("write Corefile.base");
     let volume_str = volume.to_string_lossy().into_owned();
+    let mut corefile = m.corefile.clone();
+    let mut host_dirs = Vec::new();
+    for (i, dir) in m.host_dirs.iter().enumerate() {
+        // What the kubelet's DirectoryOrCreate does on the node.
+        let d = volume.join(format!("host-{i}"));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        let d = d.to_string_lossy().into_owned();
+        corefile = corefile.replace(dir.as_str(), &d);
+        host_dirs.push((dir.clone(), d));
+    }
+    std::fs::write(volume.join("Corefile.base"), &corefile).expect("write Corefile.base");
     let mut args: Vec<String> = m
         .args
         .iter()
-        .map(|a| a.replace("/etc/coredns", &volume_str))
+        .map(|a| {
+            let mut a = a.replace("/etc/coredns", &volume_str);
+            for (dir, d) in &host_dirs {
+                a = a.replace(dir.as_str(), d);
+            }
+            a
+        })
         .collect();
     assert!(
         m.mount_paths.iter().any(|p| p == "/etc/coredns"),

@@ -1,4 +1,5 @@
-//! Warm restart end to end: `--cache-file` written at stop and read at start by the real binary.
+//! Warm restart end to end: `--cache-file` (or a Corefile's `cache { file PATH }`) written at stop
+//! and read at start by the real binary.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use hickory_proto::rr::RecordType;
 use nix::sys::signal::Signal;
 
 use crate::fake_upstream::FakeUpstream;
-use crate::harness::{Nodedns, a_addrs, query_udp_retry, wait_until};
+use crate::harness::{Nodedns, a_addrs, free_port, query_udp_retry, wait_until};
 
 const NAMES: [&str; 3] = [
     "web.default.svc.cluster.local",
@@ -119,5 +120,90 @@ async fn bad_or_foreign_cache_files_mean_one_warning_and_a_cold_start() {
         );
         drop(node);
     }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// The Corefile's nodedns-only `cache { file PATH INTERVAL }`, with no cache flag at all: the
+/// interval is an hour, so the file the second start reads is the one written at SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corefile_cache_file_survives_a_restart_without_upstream_queries() {
+    let up = upstream_with_names().await;
+    let path = file("corefile-warm");
+    let conf = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("corefile-warm-{}.Corefile", std::process::id()));
+    let port = free_port();
+    std::fs::write(
+        &conf,
+        format!(
+            ".:{port} {{\n    cache 300 {{\n        file \"{}\" 1h\n    }}\n    forward . {}\n}}\n",
+            path.display(),
+            up.addr
+        ),
+    )
+    .unwrap();
+    let at = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let args = vec!["--conf".to_string(), conf.display().to_string()];
+
+    let mut node = Nodedns::start_env(at, &args, &[]).await;
+    for n in NAMES {
+        let r = query_udp_retry(node.addr, &format!("{n}."), RecordType::A).await;
+        assert_eq!(a_addrs(&r).len(), 1);
+    }
+    assert!(
+        !path.exists(),
+        "not written before the interval or the stop"
+    );
+    node.signal(Signal::SIGTERM);
+    let st = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(10)));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "{st:?}: {}",
+        node.stderr_text()
+    );
+    assert!(path.exists(), "written at stop: {}", node.stderr_text());
+    drop(node);
+    assert_eq!(up.queries(NAMES[0]), 1);
+
+    let node = Nodedns::start_env(at, &args, &[]).await;
+    let loaded = wait_until(Duration::from_secs(5), || {
+        node.stderr_text().contains("warm start")
+    })
+    .await;
+    assert!(loaded, "{}", node.stderr_text());
+    for (i, n) in NAMES.iter().enumerate() {
+        let r = query_udp_retry(node.addr, &format!("{n}."), RecordType::A).await;
+        assert_eq!(a_addrs(&r), vec![Ipv4Addr::new(10, 0, 0, i as u8 + 1)]);
+        assert_eq!(up.queries(n), 1, "{n} answered from the file, not upstream");
+    }
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&conf);
+}
+
+/// A file longer than this cache's budget could have written is not read (a load holds at most
+/// the budget's worth besides the cache): one warning naming the reason, a cold start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_longer_than_the_cache_budget_is_not_read() {
+    let up = upstream_with_names().await;
+    let path = file("over-budget");
+    fill_and_stop(&up, &path, &[]).await;
+    let small = [
+        "--cache-file",
+        path.to_str().unwrap(),
+        "--cache-bytes",
+        "40",
+        "--negative-cache-bytes",
+        "40",
+        "--cache-size",
+        "1",
+        "--negative-cache-size",
+        "1",
+    ];
+    let node = Nodedns::with_upstream(&up, &small).await;
+    let warned = wait_until(Duration::from_secs(5), || {
+        node.stderr_text()
+            .contains("longer than this cache's budget")
+    })
+    .await;
+    assert!(warned, "{}", node.stderr_text());
     let _ = std::fs::remove_file(&path);
 }

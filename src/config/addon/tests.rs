@@ -89,6 +89,7 @@ pub(crate) fn addon_model(locals: &[&str]) -> Model {
         reload: Some(secs(30)),
         log_queries: false,
         loop_detect: crate::config::model::LoopDetect::On,
+        cache_file: None,
         inputs: vec![],
     }
 }

@@ -83,6 +83,7 @@ pub(crate) fn stub_sequential_model() -> Model {
         reload: None,
         log_queries: false,
         loop_detect: LoopDetect::Off,
+        cache_file: None,
         inputs: vec![],
     }
 }
@@ -156,6 +157,10 @@ pub(crate) fn everything_model() -> Model {
         reload: Some(secs(10)),
         log_queries: true,
         loop_detect: LoopDetect::Off,
+        cache_file: Some(CacheFile {
+            path: PathBuf::from("/var/lib/nodedns/cache.bin"),
+            interval: Some(secs(30)),
+        }),
         inputs: vec![],
     }
 }
@@ -165,7 +170,7 @@ fn every_option() {
     let text = include_str!("../testdata/everything.Corefile");
     let m = parse(text, "Corefile", &resolv()).unwrap();
     assert_eq!(m.inputs, vec![PathBuf::from("/etc/resolv.conf")]);
-    assert_eq!(m.zones[2].origin, Origin::at("Corefile", 22));
+    assert_eq!(m.zones[2].origin, Origin::at("Corefile", 23));
     assert_eq!(m.without_origins(), everything_model());
 }
 
@@ -490,4 +495,82 @@ fn loop_fatal_and_the_strictest_block_wins() {
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("C:3:") && e.contains("loop"), "{e}");
+}
+
+#[test]
+fn cache_file_is_one_for_every_block() {
+    let p = |text: &str| parse(text, "C", &FakeSources::default());
+    let m = p(". {\n cache 30 {\n  file /var/lib/nodedns/cache.bin\n }\n forward . 1.1.1.1\n}\n")
+        .unwrap();
+    assert_eq!(
+        m.cache_file,
+        Some(CacheFile {
+            path: PathBuf::from("/var/lib/nodedns/cache.bin"),
+            interval: None,
+        })
+    );
+    assert_eq!(m.zones[0].cache, capped(30), "file changes no cache policy");
+    let m = p(". {\n forward . 1.1.1.1\n}\n").unwrap();
+    assert_eq!(m.cache_file, None);
+    // The same file in several blocks (the addon repeats its cache settings) is fine; a block
+    // without one is fine too.
+    let m = p(
+        "a.org {\n cache {\n  file \"/d/c.bin\" 2m\n }\n forward . 1.1.1.1\n}\n\
+               b.org {\n cache 5\n forward . 1.1.1.1\n}\n\
+               . {\n cache {\n  file /d/c.bin 2m\n }\n forward . 1.1.1.1\n}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        m.cache_file,
+        Some(CacheFile {
+            path: PathBuf::from("/d/c.bin"),
+            interval: Some(secs(120)),
+        })
+    );
+}
+
+#[test]
+fn cache_file_errors_name_the_line() {
+    let block =
+        |opt: &str| format!(".:53 {{\n    cache 30 {{\n        {opt}\n    }}\n{OK_FWD}}}\n");
+    for (opt, want) in [
+        ("file", "Corefile:3: cache file takes PATH [INTERVAL]"),
+        (
+            "file /a 1m extra",
+            "Corefile:3: cache file takes PATH [INTERVAL]",
+        ),
+        ("file \"\"", "Corefile:3: cache file: the path is empty"),
+        ("file \" \"", "Corefile:3: cache file: the path is empty"),
+        (
+            "file \"a\nb\"",
+            "Corefile:3: cache file: control character in the path",
+        ),
+        (
+            "file /a 500ms",
+            "Corefile:3: cache file interval must be at least 1s",
+        ),
+        (
+            "file /a 0",
+            "Corefile:3: cache file interval must be at least 1s",
+        ),
+        (
+            "file /a soon",
+            "Corefile:3: cache file interval: invalid duration",
+        ),
+        ("file /a {\n }", "Corefile:3: cache file takes no block"),
+    ] {
+        assert_error(&block(opt), want);
+    }
+    assert_error(
+        &format!(
+            "a.org {{\n cache {{\n  file /a\n }}\n{OK_FWD}}}\n. {{\n cache {{\n  file /b\n }}\n{OK_FWD}}}\n"
+        ),
+        "Corefile:9: cache file /b differs from cache file /a at line 3",
+    );
+    assert_error(
+        &format!(
+            "a.org {{\n cache {{\n  file /a 1m\n }}\n{OK_FWD}}}\n. {{\n cache {{\n  file /a\n }}\n{OK_FWD}}}\n"
+        ),
+        "Corefile:9: cache file /a differs from cache file /a 60s at line 3",
+    );
 }

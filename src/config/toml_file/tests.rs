@@ -42,6 +42,11 @@ fn golden_models() -> Vec<Model> {
                 },
                 origin: Origin::default(),
             }],
+            // A cache file without an interval (the flag's applies).
+            cache_file: Some(CacheFile {
+                path: PathBuf::from("/var/lib/nodedns/cache \"1\".bin"),
+                interval: None,
+            }),
             ..Model::default()
         },
     ]
@@ -173,4 +178,55 @@ fn loop_detect_takes_a_boolean_or_a_word() {
         e.starts_with("n.toml:1:") && e.contains("off, on or fatal"),
         "{e}"
     );
+}
+
+#[test]
+fn cache_file_and_its_interval() {
+    let z = "[[zone]]\nname = \".\"\nservers = [\"10.0.0.1\"]\n";
+    let p = |head: &str| parse(&format!("{head}{z}"), "n.toml", &FakeSources::default());
+    let m = p("cache_file = \"/var/lib/nodedns/cache.bin\"\ncache_file_interval = \"1m30s\"\n")
+        .unwrap();
+    assert_eq!(
+        m.cache_file,
+        Some(CacheFile {
+            path: PathBuf::from("/var/lib/nodedns/cache.bin"),
+            interval: Some(Duration::from_secs(90)),
+        })
+    );
+    let back = parse(&to_toml(&m), "printed.toml", &FakeSources::default()).unwrap();
+    assert_eq!(back.cache_file, m.cache_file);
+    assert_eq!(
+        p("cache_file = \"c.bin\"\n")
+            .unwrap()
+            .cache_file
+            .unwrap()
+            .interval,
+        None
+    );
+    assert_eq!(p("").unwrap().cache_file, None);
+    for (head, want) in [
+        (
+            "cache_file = \"\"\n",
+            "n.toml:1: cache_file: the path is empty",
+        ),
+        (
+            "cache_file = \"a\\tb\"\n",
+            "n.toml:1: cache_file: control character",
+        ),
+        (
+            "cache_file = \"/a\"\ncache_file_interval = \"999ms\"\n",
+            "n.toml:2: cache_file_interval must be at least 1s",
+        ),
+        (
+            "cache_file = \"/a\"\ncache_file_interval = \"often\"\n",
+            "n.toml:2: cache_file_interval: invalid duration",
+        ),
+        (
+            "cache_file_interval = \"1m\"\n",
+            "n.toml:1: cache_file_interval without cache_file",
+        ),
+        ("cache_file = 3\n", "n.toml:1: invalid type"),
+    ] {
+        assert_error(&format!("{head}{z}"), want);
+    }
 }
