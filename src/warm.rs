@@ -4,7 +4,7 @@
 //! Start: the listeners are bound first (answers never wait for the file), then the file is read in
 //! a blocking task and every entry re-validated under the current zones. In a surge rollout the new
 //! instance starts *before* the old one writes at exit, so for its first minute nodedns watches the
-//! file and merges in, once, what it does not have yet. Writes are atomic (a temp file beside it,
+//! file and merges in, at each change, what it does not have yet. Writes are atomic (a temp file beside it,
 //! fsync, rename), so a reader never sees half a file.
 
 use std::path::{Path, PathBuf};
@@ -118,10 +118,9 @@ pub async fn run(
             Err(_) => {}
         }
     }
-    let mut merged = false;
     let mut next_save = tokio::time::Instant::now() + interval;
     loop {
-        let watching = !merged && started.elapsed() < MERGE_WINDOW;
+        let watching = started.elapsed() < MERGE_WINDOW;
         let wake = if watching {
             (tokio::time::Instant::now() + MERGE_POLL).min(next_save)
         } else {
@@ -131,8 +130,11 @@ pub async fn run(
             _ = tokio::time::sleep_until(wake) => {}
             _ = stop.changed() => break,
         }
-        if watching && modified(&path) != seen {
-            merged = true;
+        let now_seen = modified(&path);
+        if watching && now_seen != seen {
+            // Every change in the window, not only the first: the previous instance may write
+            // periodically before its final write at exit, and the final one has the most.
+            seen = now_seen;
             let (c, p) = (ctx.clone(), path.clone());
             if let Ok(Ok(n)) =
                 tokio::task::spawn_blocking(move || load(&c, &p, true, max_len)).await

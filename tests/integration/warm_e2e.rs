@@ -207,3 +207,50 @@ async fn a_file_longer_than_the_cache_budget_is_not_read() {
     assert!(warned, "{}", node.stderr_text());
     let _ = std::fs::remove_file(&path);
 }
+
+/// A surge rollout: B starts beside A on the same cache file. A's periodic write comes first,
+/// then A learns one more name and writes again at its stop; B merges both, so it answers the
+/// name A learned last without asking upstream. (Merging only the first change B saw lost A's
+/// final write.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_merges_every_write_of_the_old_one_in_its_first_minute() {
+    let up = upstream_with_names().await;
+    let path = file("surge");
+    let p = path.to_str().unwrap();
+    let mut a =
+        Nodedns::with_upstream(&up, &["--cache-file", p, "--cache-file-interval", "1s"]).await;
+    let r = query_udp_retry(a.addr, &format!("{}.", NAMES[0]), RecordType::A).await;
+    assert_eq!(a_addrs(&r).len(), 1);
+    // B never writes during the test (its own interval is an hour).
+    let b = Nodedns::with_upstream(&up, &["--cache-file", p, "--cache-file-interval", "1h"]).await;
+    let merges = |n: &Nodedns| {
+        n.stderr_text()
+            .matches("merged the previous instance")
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || merges(&b) >= 1).await,
+        "B merged no periodic write of A: {}",
+        b.stderr_text()
+    );
+    // A learns the last name, then stops (its final write).
+    let r = query_udp_retry(a.addr, &format!("{}.", NAMES[2]), RecordType::A).await;
+    assert_eq!(a_addrs(&r).len(), 1);
+    let before = merges(&b);
+    a.signal(Signal::SIGTERM);
+    let st = tokio::task::block_in_place(|| a.wait_exit(Duration::from_secs(10)));
+    assert!(st.is_some_and(|s| s.success()), "{}", a.stderr_text());
+    assert!(
+        wait_until(Duration::from_secs(10), || merges(&b) > before).await,
+        "B did not merge A's final write: {}",
+        b.stderr_text()
+    );
+    let asked = up.queries(NAMES[2]);
+    let r = query_udp_retry(b.addr, &format!("{}.", NAMES[2]), RecordType::A).await;
+    assert_eq!(a_addrs(&r).len(), 1);
+    assert_eq!(
+        up.queries(NAMES[2]),
+        asked,
+        "B asked upstream for a name A's final write had"
+    );
+}
