@@ -749,6 +749,25 @@ impl Metrics {
 #[derive(Debug)]
 struct ScrapeCollector(std::sync::Arc<Core>);
 
+/// Prometheus histogram buckets from per-bucket counts (not cumulative; +Inf last) and their
+/// upper bounds: `(bound, count)` pairs for `encode_histogram`, and the total count.
+fn histogram<const N: usize>(counts: [u64; N], bounds: &[f64]) -> ([(f64, u64); N], u64) {
+    let mut out = [(0.0f64, 0u64); N];
+    let mut total = 0u64;
+    for (i, (o, c)) in out.iter_mut().zip(counts).enumerate() {
+        total = total.wrapping_add(c);
+        *o = (bounds.get(i).copied().unwrap_or(f64::INFINITY), c);
+    }
+    (out, total)
+}
+
+/// An upstream's latency histogram: buckets, count and sum in seconds.
+fn upstream_histogram(u: &UpstreamCounters) -> ([(f64, u64); N_BUCKETS], u64, f64) {
+    let counts = std::array::from_fn(|i| u.buckets[i].load(Relaxed));
+    let (buckets, count) = histogram(counts, &UPSTREAM_BUCKETS_SECONDS);
+    (buckets, count, u.sum_nanos.load(Relaxed) as f64 / 1e9)
+}
+
 fn sum_workers(core: &Core, f: impl Fn(&WorkerCounters) -> u64) -> u64 {
     core.workers.iter().map(f).fold(0u64, u64::wrapping_add)
 }
@@ -902,18 +921,7 @@ impl Collector for ScrapeCollector {
                 MetricType::Histogram,
             )?;
             for (u, (_, label)) in core.upstreams.iter().zip(core.claimed_labels()) {
-                let mut buckets = [(0.0f64, 0u64); N_BUCKETS];
-                let mut count = 0u64;
-                for (i, b) in buckets.iter_mut().enumerate() {
-                    let c = u.buckets[i].load(Relaxed);
-                    count = count.wrapping_add(c);
-                    let bound = UPSTREAM_BUCKETS_SECONDS
-                        .get(i)
-                        .copied()
-                        .unwrap_or(f64::INFINITY);
-                    *b = (bound, c);
-                }
-                let sum = u.sum_nanos.load(Relaxed) as f64 / 1e9;
+                let (buckets, count, sum) = upstream_histogram(u);
                 m.encode_family(&[("upstream", label.as_str())])?
                     .encode_histogram::<NoLabelSet>(
                         sum,

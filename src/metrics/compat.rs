@@ -19,8 +19,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::exemplar::Exemplar;
 
 use super::{
-    CacheKind, Core, N_BUCKETS, N_QTYPES, N_RCODES, N_REQUEST_BUCKETS, Proto, QTYPE_LABELS,
-    RCODE_LABELS, REQUEST_BUCKETS_SECONDS, UPSTREAM_BUCKETS_SECONDS, sum_workers,
+    CacheKind, Core, N_QTYPES, N_RCODES, N_REQUEST_BUCKETS, Proto, QTYPE_LABELS, RCODE_LABELS,
+    REQUEST_BUCKETS_SECONDS, histogram, sum_workers, upstream_histogram,
 };
 
 /// Every metric name this module exports (the dashboard test checks its queries against them).
@@ -185,15 +185,7 @@ impl Collector for CompatCollector {
                 }
                 sum += s;
             }
-            let mut buckets = [(0.0f64, 0u64); N_REQUEST_BUCKETS];
-            for (i, b) in buckets.iter_mut().enumerate() {
-                let bound = REQUEST_BUCKETS_SECONDS
-                    .get(i)
-                    .copied()
-                    .unwrap_or(f64::INFINITY);
-                *b = (bound, counts[i]);
-            }
-            let count = counts.iter().fold(0u64, |a, c| a.wrapping_add(*c));
+            let (buckets, count) = histogram(counts, &REQUEST_BUCKETS_SECONDS);
             enc.encode_descriptor(
                 "coredns_dns_request_duration_seconds",
                 "Histogram of the time (in seconds) each request took (receipt to reply sent)",
@@ -217,20 +209,7 @@ impl Collector for CompatCollector {
                 MetricType::Histogram,
             )?;
             for (u, (_, to)) in core.upstreams.iter().zip(core.claimed_labels()) {
-                let mut buckets = [(0.0f64, 0u64); N_BUCKETS];
-                let mut count = 0u64;
-                for (i, b) in buckets.iter_mut().enumerate() {
-                    let c = u.buckets[i].load(Relaxed);
-                    count = count.wrapping_add(c);
-                    *b = (
-                        UPSTREAM_BUCKETS_SECONDS
-                            .get(i)
-                            .copied()
-                            .unwrap_or(f64::INFINITY),
-                        c,
-                    );
-                }
-                let sum = u.sum_nanos.load(Relaxed) as f64 / 1e9;
+                let (buckets, count, sum) = upstream_histogram(u);
                 m.encode_family(&[("proxy_name", "forward"), ("to", to.as_str())])?
                     .encode_histogram::<NoLabelSet>(
                         sum,
