@@ -347,11 +347,20 @@ impl Cache {
         f: impl FnOnce(&Response, bool, Freshness, u64) -> R,
     ) -> Option<R> {
         let h = self.slot(key);
-        let pos = self.positive.cache.get(&h).filter(|r| r.answers(key));
-        let pos_state = pos.as_ref().and_then(|r| r.freshness(now));
-        if let (Some(r), Some(s @ (Freshness::Fresh | Freshness::RefreshDue))) = (&pos, pos_state) {
-            return Some(f(r, false, s, h));
-        }
+        // The fresh positive hit first, bound straight from `get` (no `Option<Response>` carried
+        // through adapters: each move of the 192-byte entry was a copy, measured +14 ns a hit).
+        let mut pos_state = None;
+        let pos = match self.positive.cache.get(&h) {
+            Some(r) if r.answers(key) => {
+                let s = r.freshness(now);
+                if let Some(s @ (Freshness::Fresh | Freshness::RefreshDue)) = s {
+                    return Some(f(&r, false, s, h));
+                }
+                pos_state = s;
+                Some(r)
+            }
+            _ => None,
+        };
         let neg = self.negative.cache.get(&h).filter(|r| r.answers(key));
         if let Some(r) = &neg
             && let Some(s) = r.freshness(now)

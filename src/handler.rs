@@ -126,38 +126,68 @@ impl Handler {
             .cache
             .with_hit(&view.key, now, |response, negative, fresh, slot| {
                 let limit = limit_for(&view, proto);
-                let (stale, refresh) = match fresh {
-                    Freshness::Fresh => {
-                        wire::render(response, &view, now, limit, out);
-                        (false, None)
-                    }
-                    Freshness::RefreshDue => {
-                        wire::render(response, &view, now, limit, out);
-                        let claimed = self
-                            .cache
-                            .try_begin_refresh(slot, response.prefetch_amount());
-                        (false, claimed.then_some(slot))
-                    }
-                    Freshness::Stale => {
-                        if response.stale_verify() && !self.cache.refresh_busy(slot) {
-                            // Ask upstream first; the stale answer is the fallback.
-                            return Outcome::Forward {
-                                stale_fallback: true,
-                            };
-                        }
-                        wire::render_stale(response, &view, limit, out);
-                        (true, self.cache.try_begin_refresh(slot, 1).then_some(slot))
-                    }
-                };
+                if fresh != Freshness::Fresh {
+                    return self
+                        .answer_aging(response, &view, negative, fresh, slot, now, limit, out);
+                }
+                // The fresh hit, kept small so it inlines into the lookup (with the aging cases
+                // in here too the closure was a call, measured +14 ns a hit).
+                wire::render(response, &view, now, limit, out);
                 Outcome::Reply(Answered {
-                    refresh,
+                    refresh: None,
                     qtype,
                     rcode: response.rcode.into(),
-                    source: Source::Cache { negative, stale },
+                    source: Source::Cache {
+                        negative,
+                        stale: false,
+                    },
                 })
             });
         hit.unwrap_or(Outcome::Forward {
             stale_fallback: false,
+        })
+    }
+
+    /// A hit on an entry due for its refresh (prefetch) or past its lifetime (serve-stale): the
+    /// answer, and the refresh to start if this hit claimed it.
+    #[cold]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn answer_aging(
+        &self,
+        response: &Response,
+        view: &QueryView<'_>,
+        negative: bool,
+        fresh: Freshness,
+        slot: u64,
+        now: Instant,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        let (stale, refresh) = match fresh {
+            Freshness::Fresh | Freshness::RefreshDue => {
+                wire::render(response, view, now, limit, out);
+                let claimed = self
+                    .cache
+                    .try_begin_refresh(slot, response.prefetch_amount());
+                (false, claimed.then_some(slot))
+            }
+            Freshness::Stale => {
+                if response.stale_verify() && !self.cache.refresh_busy(slot) {
+                    // Ask upstream first; the stale answer is the fallback.
+                    return Outcome::Forward {
+                        stale_fallback: true,
+                    };
+                }
+                wire::render_stale(response, view, limit, out);
+                (true, self.cache.try_begin_refresh(slot, 1).then_some(slot))
+            }
+        };
+        Outcome::Reply(Answered {
+            refresh,
+            qtype: view.key.qtype,
+            rcode: response.rcode.into(),
+            source: Source::Cache { negative, stale },
         })
     }
 
