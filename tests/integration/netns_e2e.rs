@@ -949,6 +949,12 @@ fn skip_teardown_leaves_link_address_and_rules() {
         ),
         &[],
     );
+    // The rules follow the listeners: DNS answers before the last of the 12 is in.
+    assert!(
+        poll(Duration::from_secs(10), || ns.nodedns_rule_count() == 12),
+        "rules: {:?}",
+        ns.rule_lines()
+    );
     let rules = ns.rule_lines();
     node.stop();
     assert!(node.stderr_text().contains("--skip-teardown"));
