@@ -218,7 +218,10 @@ pub async fn check_zone(ctx: &Ctx, zone: &str) -> Checked {
             _ = tokio::time::sleep_until(until) => false,
         };
         if ctx.probes.looped(&name) {
-            let servers = upstreams.zone_servers(&zone_wire).unwrap_or_default();
+            // Blocked here too, not only by the miss path that saw the copy: that path marks the
+            // sighting before it blocks the zone, and the report read the block in between
+            // (`/ready` then stayed 200 with the loop found).
+            let servers = upstreams.block_loop(&zone_wire).unwrap_or_default();
             break Checked::Loop(Found {
                 zone: zone.to_string(),
                 servers,
