@@ -1,8 +1,9 @@
 //! Forwarding misses: zones to servers, UDP and TCP transports, retries and deadlines.
 //!
-//! nodedns forwards the client's question under a fresh random ID from a fresh random source port
-//! (a connected UDP socket, so the kernel drops datagrams from any other address) and accepts only a
-//! reply whose ID and question match (anti-spoofing). A truncated UDP reply is retried over TCP.
+//! nodedns forwards the client's question under a random ID, unique among the queries in flight on
+//! its socket, from a connected UDP socket (the kernel drops datagrams from any other address) that
+//! is reused for `expire` and then replaced by one on a new random port (see `udp`), and accepts
+//! only a reply whose ID and question match (anti-spoofing). A truncated UDP reply is retried over TCP.
 //! With `force_tcp`, every query goes over a reused, pipelined TCP connection per server (RFC 7766).
 //! Each attempt has its own timeout and the whole exchange a deadline; past it the caller answers
 //! SERVFAIL.
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::model::{self, CachePolicy, Policy, Zone};
@@ -336,7 +337,7 @@ impl Upstreams {
             q.extend_from_slice(question);
             // Through the same exchange as real queries, so the probe uses their transport (with
             // --force-tcp, UDP may be exactly what is blocked).
-            self.exchange(server, transport, &q, id, question, until)
+            self.exchange(server, transport, &q, question, until)
                 .await
                 .is_ok()
         });
@@ -483,7 +484,7 @@ impl Upstreams {
             let id: u16 = rand::random();
             wire::build_upstream_query(view, id, &mut query);
             let result = self
-                .exchange(a.server, a.transport, &query, id, view.question, a.until)
+                .exchange(a.server, a.transport, &query, view.question, a.until)
                 .await
                 .and_then(|bytes| {
                     let meta = ReplyMeta {
@@ -670,14 +671,15 @@ impl Upstreams {
         server: usize,
         transport: Transport,
         query: &[u8],
-        id: u16,
         question: &[u8],
         until: Instant,
     ) -> Result<Vec<u8>, AttemptError> {
         let addr = self.servers[server];
         let fut = async {
             match transport {
-                Transport::Udp => udp_exchange(addr, query, id, question).await,
+                Transport::Udp => {
+                    udp::exchange(addr, self.pools[server].expire, query, question).await
+                }
                 Transport::Tcp => self.pools[server].exchange(query, question).await,
             }
         };
@@ -749,7 +751,7 @@ async fn probe_once(addr: SocketAddr, tcp: bool, timeout: Duration) -> bool {
         if tcp {
             tcp_oneshot(addr, &q, id, question).await
         } else {
-            udp_exchange(addr, &q, id, question).await
+            udp::oneshot(addr, &q, id, question).await
         }
     };
     matches!(tokio::time::timeout(timeout, fut).await, Ok(Ok(_)))
@@ -808,88 +810,6 @@ fn io_to_attempt(e: &std::io::Error) -> AttemptError {
         std::io::ErrorKind::ConnectionRefused => AttemptError::Refused,
         _ => AttemptError::Network,
     }
-}
-
-/// One UDP exchange from a fresh socket on a random port, connected so only the server's datagrams
-/// arrive; anything that does not match ID and question is ignored.
-async fn udp_exchange(
-    server: SocketAddr,
-    query: &[u8],
-    id: u16,
-    question: &[u8],
-) -> Result<Vec<u8>, AttemptError> {
-    let sock = UdpSocket::bind(unspecified_for(server))
-        .await
-        .map_err(|e| io_to_attempt(&e))?;
-    sock.connect(server).await.map_err(|e| io_to_attempt(&e))?;
-    sock.send(query).await.map_err(|e| io_to_attempt(&e))?;
-    // nodedns advertises 1232 bytes (RFC 9715's default), so 4 KiB holds any reply an upstream
-    // should send; one byte more tells a longer datagram (cut by the kernel) from one that fits.
-    // That one is treated as truncated (retried over TCP where the zone allows), not parsed. A
-    // 64 KiB buffer per attempt was ~125 MiB of reservations at `--max-concurrent 2000`.
-    let mut buf = Vec::with_capacity(UDP_REPLY_MAX + 1);
-    loop {
-        buf.clear();
-        sock.recv_buf(&mut buf)
-            .await
-            .map_err(|e| io_to_attempt(&e))?;
-        match classify(&buf, id, question) {
-            Datagram::Answer => {
-                if buf.len() > UDP_REPLY_MAX {
-                    return Ok(truncated_reply(&buf, question.len()));
-                }
-                return Ok(buf);
-            }
-            Datagram::Malformed => return Err(AttemptError::Malformed),
-            Datagram::Foreign => {
-                tracing::debug!(%server, "ignoring a UDP reply that does not match the query");
-            }
-        }
-    }
-}
-
-/// What a datagram on an attempt's connected socket is (the kernel delivers only the server's
-/// address and port to it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Datagram {
-    /// The reply: ID and question match.
-    Answer,
-    /// Another ID, or a well-formed response to another question: ignored, as RFC 5452 asks (it
-    /// may be forged, and the real reply may still come).
-    Foreign,
-    /// The query's ID on something that is not a well-formed DNS response (too short, QR clear,
-    /// not exactly one question, a question that does not parse). No forger gains by sending
-    /// this: one who can guess port and ID can send the right question instead. So it is the
-    /// server failing, and the attempt ends (unbound answers such a server's garbage with
-    /// SERVFAIL in 3 ms; waiting would cost the client the whole deadline).
-    Malformed,
-}
-
-fn classify(d: &[u8], id: u16, question: &[u8]) -> Datagram {
-    if d.len() < 2 || u16::from_be_bytes([d[0], d[1]]) != id {
-        return Datagram::Foreign;
-    }
-    if matches(d, id, question) {
-        return Datagram::Answer;
-    }
-    if d[2] & 0x80 == 0 || wire::question_end(d).is_none() {
-        return Datagram::Malformed;
-    }
-    Datagram::Foreign
-}
-
-/// The largest UDP reply read whole; see `udp_exchange`.
-const UDP_REPLY_MAX: usize = 4096;
-
-/// Header and question of `reply` with TC=1 and no records: what an over-long datagram becomes.
-fn truncated_reply(reply: &[u8], question_len: usize) -> Vec<u8> {
-    let end = (wire::HEADER_LEN + question_len).min(reply.len());
-    let mut out = reply[..end].to_vec();
-    if out.len() >= wire::HEADER_LEN {
-        out[2] |= 0x02; // TC
-        out[6..12].fill(0);
-    }
-    out
 }
 
 /// Picks a query ID not in use on a connection: `preferred` if free, else a random free one; `None`
@@ -1151,3 +1071,6 @@ impl TcpConn {
 
 #[cfg(test)]
 mod tests;
+mod udp;
+#[cfg(test)]
+use udp::{Datagram, UDP_REPLY_MAX, classify, truncated_reply};

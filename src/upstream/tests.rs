@@ -234,6 +234,8 @@ fn datagrams_are_classified_by_id_then_form() {
         Datagram::Malformed
     );
     assert_eq!(classify(&[0], 7, question), Datagram::Foreign);
+    // The ID and nothing else: garbage (this indexed past the end once).
+    assert_eq!(classify(&[0, 7], 7, question), Datagram::Malformed);
     let mut bad_label = reply(7, 0x81, question);
     bad_label[12] = 0xc0;
     assert_eq!(classify(&bad_label, 7, question), Datagram::Malformed);
