@@ -34,9 +34,17 @@ fn main() {
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let mut dirs = text.lines();
         if let (Some(git_dir), Some(common)) = (dirs.next(), dirs.next()) {
-            println!("cargo:rerun-if-changed={git_dir}/HEAD");
-            println!("cargo:rerun-if-changed={common}/refs/heads");
-            println!("cargo:rerun-if-changed={common}/packed-refs");
+            // Only paths that exist: cargo counts a missing one as changed on every build
+            // (`packed-refs` is absent until git packs refs), which rebuilt the crate each time.
+            for p in [
+                format!("{git_dir}/HEAD"),
+                format!("{common}/refs/heads"),
+                format!("{common}/packed-refs"),
+            ] {
+                if std::path::Path::new(&p).exists() {
+                    println!("cargo:rerun-if-changed={p}");
+                }
+            }
         }
     }
     println!("cargo:rerun-if-changed=build.rs");

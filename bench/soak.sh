@@ -20,8 +20,9 @@ LOOP=127.0.0.1
 
 command -v nsd >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nsd >/dev/null
 command -v curl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
-cargo build --release --quiet
-cargo build --release --quiet --example loadgen
+# One invocation: built apart, the example's dev-dependencies unify features differently and
+# each build recompiled the library the other had just built (minutes per run).
+cargo build --release --quiet --bin nodedns --example loadgen
 NODEDNS=${NODEDNS_BIN:-$PWD/target/release/nodedns}
 LOADGEN=$PWD/target/release/examples/loadgen
 

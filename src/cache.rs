@@ -22,7 +22,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use std::hash::BuildHasher;
@@ -236,20 +236,24 @@ pub struct Stats {
 /// refresh. 1,024 words (8 KiB), touched only by hits inside a refresh window.
 struct RefreshGate {
     bits: Box<[AtomicU64]>,
-    /// Hits seen in the refresh window, per slot hash (saturating), for prefetch AMOUNT > 1.
-    hits: Box<[std::sync::atomic::AtomicU8]>,
+    /// Prefetch hit counts, per slot hash, for AMOUNT > 1: bits 8-31 the second of the last hit
+    /// (since `base`, wrapping), bits 0-7 hits in a row up to then (capped at AMOUNT, so a name
+    /// that has its count writes here at most once a second). Two keys sharing a counter add up:
+    /// at worst a name is refreshed that had fewer hits of its own. 64 KiB, touched only by hits
+    /// on entries of zones with AMOUNT > 1.
+    hits: Box<[AtomicU32]>,
+    base: Instant,
 }
 
 const GATE_WORDS: usize = 1024;
-const HIT_COUNTERS: usize = 4096;
+const HIT_COUNTERS: usize = 16 * 1024;
 
 impl RefreshGate {
     fn new() -> RefreshGate {
         RefreshGate {
             bits: (0..GATE_WORDS).map(|_| AtomicU64::new(0)).collect(),
-            hits: (0..HIT_COUNTERS)
-                .map(|_| std::sync::atomic::AtomicU8::new(0))
-                .collect(),
+            hits: (0..HIT_COUNTERS).map(|_| AtomicU32::new(0)).collect(),
+            base: Instant::now(),
         }
     }
 
@@ -270,19 +274,29 @@ impl RefreshGate {
 
     fn end(&self, slot: u64) {
         let (w, b) = Self::word_bit(slot);
+        // The hit count stays: CoreDNS copies an item's frequency into its refreshed copy.
         self.bits[w].fetch_and(!b, Ordering::AcqRel);
-        self.hits[slot as usize % HIT_COUNTERS].store(0, Ordering::Relaxed);
     }
 
-    /// Counts a hit in the refresh window; says whether `amount` have been seen.
-    fn count(&self, slot: u64, amount: u8) -> bool {
-        if amount <= 1 {
-            return true;
-        }
+    /// Counts a hit at `now`; says whether `amount` hits in a row, none more than `gap_s` after
+    /// the one before, have been seen. A plain load and store, not a read-modify-write: two
+    /// workers' hits at once may count as one, which only delays a refresh by a hit.
+    fn count(&self, slot: u64, amount: u8, gap_s: u16, now: Instant) -> bool {
+        const SECS: u32 = 0xff_ffff;
         let c = &self.hits[slot as usize % HIT_COUNTERS];
-        let n = c.load(Ordering::Relaxed).saturating_add(1);
-        c.store(n, Ordering::Relaxed);
-        n >= amount
+        let t = (now.saturating_duration_since(self.base).as_secs() as u32) & SECS;
+        let v = c.load(Ordering::Relaxed);
+        let (last, n) = (v >> 8, v & 0xff);
+        let n = if t.wrapping_sub(last) & SECS > u32::from(gap_s) {
+            1
+        } else {
+            (n + 1).min(u32::from(amount))
+        };
+        let next = (t << 8) | n;
+        if next != v {
+            c.store(next, Ordering::Relaxed);
+        }
+        n >= u32::from(amount)
     }
 }
 
@@ -310,11 +324,20 @@ impl Cache {
         self.slot(key)
     }
 
+    /// Counts a hit on slot `slot` toward prefetch AMOUNT `amount` (hits further apart than `gap_s`
+    /// seconds restart the count); says whether it is reached. Out of line: only entries of zones
+    /// with AMOUNT > 1 come here, from every hit, and the fresh hit must stay small enough to
+    /// inline.
+    #[cold]
+    #[inline(never)]
+    pub fn count_hit(&self, slot: u64, amount: u8, gap_s: u16, now: Instant) -> bool {
+        self.refresh.count(slot, amount, gap_s, now)
+    }
+
     /// Claims the background refresh of slot `slot`: `true` for the first caller, until
-    /// [`Cache::end_refresh`]. For a hit in the prefetch window, only once `amount` hits have been
-    /// seen there.
-    pub fn try_begin_refresh(&self, slot: u64, amount: u8) -> bool {
-        self.refresh.count(slot, amount) && self.refresh.try_begin(slot)
+    /// [`Cache::end_refresh`].
+    pub fn try_begin_refresh(&self, slot: u64) -> bool {
+        self.refresh.try_begin(slot)
     }
 
     /// Whether a refresh of `slot` is running or failed within the recheck period.

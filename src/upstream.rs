@@ -190,7 +190,7 @@ pub fn ttl_policy(c: &CachePolicy) -> TtlPolicy {
         negative: c.denial,
         stale: c.serve_stale.map_or(Duration::ZERO, |s| s.duration),
         stale_verify: c.serve_stale.is_some_and(|s| s.verify),
-        prefetch: c.prefetch.map(|p| (p.amount, p.percent)),
+        prefetch: c.prefetch.map(|p| (p.amount, p.percent, p.duration)),
     }
 }
 

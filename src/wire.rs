@@ -416,8 +416,9 @@ pub struct TtlPolicy {
     pub stale: Duration,
     /// Serve-stale `verify` mode (else `immediate`).
     pub stale_verify: bool,
-    /// Prefetch: (AMOUNT hits, refresh when less than PCT % of the lifetime is left).
-    pub prefetch: Option<(u32, u8)>,
+    /// Prefetch: (AMOUNT hits in a row, refresh when less than PCT % of the lifetime is left,
+    /// DURATION: hits further apart restart the count).
+    pub prefetch: Option<(u32, u8, Duration)>,
 }
 
 impl Default for TtlPolicy {
@@ -470,7 +471,11 @@ pub enum ResponseError {
 #[derive(Debug, Clone)]
 pub struct Response {
     buf: Storage,
-    msg_len: u32,
+    /// A DNS message is at most 65,535 bytes (the TCP length prefix), and its TTL offsets are `u16`.
+    msg_len: u16,
+    /// Prefetch DURATION in seconds (saturating, ~18 h): hits further apart than this restart the
+    /// count toward AMOUNT. Here because `msg_len` fits a `u16`: the entry stays 192 bytes.
+    prefetch_gap_s: u16,
     n_ttls: u16,
     /// Offset just past the question.
     pub question_end: u16,
@@ -487,8 +492,7 @@ pub struct Response {
     /// Age in seconds from which a hit refreshes it in the background (prefetch); `u32::MAX`:
     /// never.
     refresh_s: u32,
-    /// Bits 0-6: hits inside the refresh window it takes to refresh (CoreDNS's prefetch AMOUNT,
-    /// 1-127); bit 7: serve-stale `verify` (a stale hit first asks upstream, up to
+    /// Bits 0-6: hits in a row it takes to refresh (CoreDNS's prefetch AMOUNT, 1-127); bit 7: serve-stale `verify` (a stale hit first asks upstream, up to
     /// [`STALE_VERIFY_TIMEOUT`]). One byte, so the weight floor below fits the 192 bytes.
     refresh_flags: u8,
     /// The cache's weight floor (bytes) when this entry was stored (see `cache`): kept in the entry
@@ -665,7 +669,10 @@ impl Response {
         bytes.extend_from_slice(view.key.name());
         Ok(Response {
             buf: Storage::new(bytes),
-            msg_len: msg_len as u32,
+            msg_len: u16::try_from(msg_len).map_err(|_| ResponseError::TooLarge)?,
+            prefetch_gap_s: policy.prefetch.map_or(0, |(_, _, gap)| {
+                u16::try_from(gap.as_secs()).unwrap_or(u16::MAX)
+            }),
             n_ttls: ttls.len() as u16,
             question_end: qend as u16,
             kind,
@@ -681,7 +688,7 @@ impl Response {
             },
             refresh_s: match policy.prefetch {
                 // At most 1 s before expiry (CoreDNS), and never at age 0 on a 1 s entry.
-                Some((_, pct)) if lifetime_secs >= 2 => {
+                Some((_, pct, _)) if lifetime_secs >= 2 => {
                     let left =
                         (u64::from(lifetime_secs) * u64::from(pct.clamp(1, 99)) / 100).max(1);
                     lifetime_secs.saturating_sub(left as u32).max(1)
@@ -690,17 +697,25 @@ impl Response {
             },
             refresh_flags: policy
                 .prefetch
-                .map_or(1, |(amount, _)| amount.clamp(1, 127) as u8)
+                .map_or(1, |(amount, _, _)| amount.clamp(1, 127) as u8)
                 | if policy.stale_verify { 0x80 } else { 0 },
             weight_floor: 0,
             stored: now,
         })
     }
 
-    /// Prefetch AMOUNT: hits inside the refresh window it takes to refresh.
+    /// Prefetch AMOUNT: hits in a row (none further apart than [`Self::prefetch_gap_s`]) it takes
+    /// for a hit in the refresh window to refresh the entry; 1 when any hit there does (or prefetch
+    /// is off).
     #[inline]
     pub fn prefetch_amount(&self) -> u8 {
         self.refresh_flags & 0x7f
+    }
+
+    /// Prefetch DURATION, in seconds.
+    #[inline]
+    pub fn prefetch_gap_s(&self) -> u16 {
+        self.prefetch_gap_s
     }
 
     /// Serve-stale `verify` mode.

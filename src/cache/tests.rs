@@ -159,7 +159,7 @@ fn fresh_then_refresh_due_then_stale_then_gone() {
     let t = Instant::now();
     let policy = TtlPolicy {
         stale: Duration::from_secs(60),
-        prefetch: Some((1, 10)),
+        prefetch: Some((1, 10, Duration::from_secs(60))),
         ..TtlPolicy::default()
     };
     let (k, r) = stored_with(
@@ -220,15 +220,37 @@ fn servfail_never_hides_a_servable_answer_but_nxdomain_does() {
 #[test]
 fn one_refresh_claim_per_entry() {
     let c = Cache::new(Limits::default());
-    assert!(c.try_begin_refresh(42, 1));
-    assert!(!c.try_begin_refresh(42, 1), "claimed already");
+    assert!(c.try_begin_refresh(42));
+    assert!(!c.try_begin_refresh(42), "claimed already");
     assert!(c.refresh_busy(42));
     c.end_refresh(42);
     assert!(!c.refresh_busy(42));
-    // AMOUNT 3: the third hit in the window claims it.
-    assert!(!c.try_begin_refresh(7, 3));
-    assert!(!c.try_begin_refresh(7, 3));
-    assert!(c.try_begin_refresh(7, 3));
+}
+
+/// CoreDNS's `prefetch AMOUNT DURATION`: AMOUNT hits in a row, none further apart than DURATION,
+/// counted over the entry's whole life (not only its refresh window), and kept across a refresh.
+#[test]
+fn prefetch_counts_hits_in_a_row() {
+    let c = Cache::new(Limits::default());
+    let t = Instant::now();
+    let at = |s: u64| t + Duration::from_secs(s);
+    assert!(!c.count_hit(5, 3, 10, at(0)));
+    assert!(!c.count_hit(5, 3, 10, at(5)));
+    assert!(
+        c.count_hit(5, 3, 10, at(15)),
+        "the third, 10 s after the second"
+    );
+    assert!(c.count_hit(5, 3, 10, at(16)), "still counted");
+    c.end_refresh(5);
+    assert!(c.count_hit(5, 3, 10, at(17)), "kept across a refresh");
+    assert!(
+        !c.count_hit(5, 3, 10, at(28)),
+        "11 s later: the count restarts"
+    );
+    assert!(!c.count_hit(5, 3, 10, at(29)));
+    assert!(c.count_hit(5, 3, 10, at(30)));
+    // Another slot has its own count.
+    assert!(!c.count_hit(6, 3, 10, at(30)));
 }
 
 #[test]

@@ -107,3 +107,35 @@ fn health_probe_is_answered_locally() {
     vb[n - 1] = 3;
     assert_eq!(rcode_of(&h, &vb), Some(ResponseCode::Refused));
 }
+
+/// Prefetch AMOUNT counts the hits before the refresh window too (CoreDNS's semantics): two fresh
+/// hits and one in the window make three; with a gap longer than DURATION before the window hit,
+/// the count restarts and there is no refresh.
+#[test]
+fn prefetch_amount_counts_every_hit_in_a_row() {
+    for (gap, refreshed) in [
+        (Duration::from_secs(60), true),
+        (Duration::from_secs(10), false),
+    ] {
+        let h = handler();
+        let t = Instant::now();
+        let policy = TtlPolicy {
+            prefetch: Some((3, 10, gap)),
+            ..TtlPolicy::default()
+        };
+        let q = query(1, "hot.example.", RecordType::A, None);
+        let v = scan_query(&q).unwrap();
+        let mut up = Vec::new();
+        build_upstream_query(&v, 5, &mut up);
+        h.store(&v, &a_reply(&up, &[30]), 5, &policy, t).unwrap();
+        let mut out = Vec::new();
+        let mut refresh_at =
+            |s: u64| match h.answer(&q, Proto::Udp, t + Duration::from_secs(s), &mut out) {
+                Outcome::Reply(a) => a.refresh.is_some(),
+                o => panic!("expected a hit, got {o:?}"),
+            };
+        assert!(!refresh_at(1), "fresh: no refresh");
+        assert!(!refresh_at(2), "fresh: no refresh");
+        assert_eq!(refresh_at(28), refreshed, "in the window, DURATION {gap:?}");
+    }
+}
