@@ -325,11 +325,8 @@ impl Cache {
     }
 
     /// Counts a hit on slot `slot` toward prefetch AMOUNT `amount` (hits further apart than `gap_s`
-    /// seconds restart the count); says whether it is reached. Out of line: only entries of zones
-    /// with AMOUNT > 1 come here, from every hit, and the fresh hit must stay small enough to
-    /// inline.
-    #[cold]
-    #[inline(never)]
+    /// seconds restart the count); says whether it is reached. Only entries of zones with
+    /// AMOUNT > 1 come here, from every hit (see [`Freshness::Counted`]).
     pub fn count_hit(&self, slot: u64, amount: u8, gap_s: u16, now: Instant) -> bool {
         self.refresh.count(slot, amount, gap_s, now)
     }
@@ -376,7 +373,8 @@ impl Cache {
         let pos = match self.positive.cache.get(&h) {
             Some(r) if r.answers(key) => {
                 let s = r.freshness(now);
-                if let Some(s @ (Freshness::Fresh | Freshness::RefreshDue)) = s {
+                if let Some(s @ (Freshness::Fresh | Freshness::Counted | Freshness::RefreshDue)) = s
+                {
                     return Some(f(&r, false, s, h));
                 }
                 pos_state = s;

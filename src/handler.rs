@@ -133,13 +133,6 @@ impl Handler {
                 // The fresh hit, kept small so it inlines into the lookup (with the aging cases
                 // in here too the closure was a call, measured +14 ns a hit).
                 wire::render(response, &view, now, limit, out);
-                let amount = response.prefetch_amount();
-                if amount > 1 {
-                    // Prefetch AMOUNT counts every hit in a row, as CoreDNS's does, not only those
-                    // in the refresh window (out of line: see `count_hit`).
-                    self.cache
-                        .count_hit(slot, amount, response.prefetch_gap_s(), now);
-                }
                 Outcome::Reply(Answered {
                     refresh: None,
                     qtype,
@@ -172,6 +165,15 @@ impl Handler {
         out: &mut Vec<u8>,
     ) -> Outcome {
         let (stale, refresh) = match fresh {
+            Freshness::Counted => {
+                // Prefetch AMOUNT counts every hit in a row, as CoreDNS's does, not only those in
+                // the refresh window.
+                wire::render(response, view, now, limit, out);
+                let amount = response.prefetch_amount();
+                self.cache
+                    .count_hit(slot, amount, response.prefetch_gap_s(), now);
+                (false, None)
+            }
             Freshness::Fresh | Freshness::RefreshDue => {
                 wire::render(response, view, now, limit, out);
                 let amount = response.prefetch_amount();

@@ -508,6 +508,10 @@ pub struct Response {
 pub enum Freshness {
     /// Within its lifetime.
     Fresh,
+    /// Within its lifetime, before the prefetch window, and its hits count toward prefetch AMOUNT
+    /// (AMOUNT > 1): served as fresh, on the hit path's cold side, so the plain fresh hit stays
+    /// small enough to inline (the count inside it made it a call: +15 ns a hit, `hit/1000`).
+    Counted,
     /// Within its lifetime, in the prefetch window: serve it and refresh it in the background.
     RefreshDue,
     /// Past its lifetime, within its serve-stale window.
@@ -738,6 +742,8 @@ impl Response {
         if age < u64::from(self.lifetime_s) {
             Some(if age >= u64::from(self.refresh_s) {
                 Freshness::RefreshDue
+            } else if self.refresh_flags & 0x7f > 1 {
+                Freshness::Counted
             } else {
                 Freshness::Fresh
             })
