@@ -84,6 +84,12 @@ pub(super) async fn exchange(
     let caller_id = u16::from_be_bytes([query[0], query[1]]);
     let id = {
         let mut pending = conn.pending.lock().map_err(|_| AttemptError::Network)?;
+        // A reader that ended (another thread's runtime: it saw no query after `end`) marked the
+        // socket dead before it took this lock to clear the waiters: a waiter added now would
+        // never be answered.
+        if conn.dead.load(Ordering::Acquire) {
+            return Err(AttemptError::Network);
+        }
         let id = free_id(&pending, caller_id).ok_or(AttemptError::Network)?;
         pending.insert(
             id,
