@@ -179,9 +179,6 @@ pub async fn run(
     });
     let upstreams = upstreams.with_observer(observer.clone());
     metrics.set_config_generation(1);
-    for what in &config.inert {
-        tracing::warn!("accepted but not acted on yet: {what}");
-    }
     for w in &config.warnings {
         tracing::warn!("{w}");
     }

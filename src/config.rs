@@ -479,21 +479,6 @@ impl Config {
     }
 }
 
-/// What in `m` is accepted but not acted on yet (see [`Config::inert`]), per zone. Nothing today:
-/// the last such setting, prefetch DURATION, is acted on now. Kept so that the next setting
-/// accepted before it works is warned about at start, not silently ignored.
-fn inert_settings(m: &Model) -> Vec<String> {
-    let inert_in = |_z: &crate::config::model::Zone| -> Vec<&'static str> { Vec::new() };
-    m.zones
-        .iter()
-        .filter_map(|z| {
-            let what = inert_in(z);
-            (!what.is_empty())
-                .then(|| format!("zone {} ({}): {}", z.name, z.origin, what.join(", ")))
-        })
-        .collect()
-}
-
 /// A `--forward ZONE=ADDRS` flag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardFlag {
@@ -524,9 +509,6 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// `--cache-file` and how often it is written.
     pub cache_file: Option<(PathBuf, Duration)>,
-    /// Settings the file gives that are read and validated but do not change behaviour yet, one
-    /// phrase each (logged as warnings at start, so none is silently ignored).
-    pub inert: Vec<String>,
     /// Loop detection at start (see [`crate::loopdetect`]).
     pub loop_detect: model::LoopDetect,
     /// Things nodedns changed in the configuration to make it work (a server that is nodedns
@@ -1147,7 +1129,6 @@ impl Cli {
         let mut reload_interval = self.reload_interval;
         let mut shutdown_grace = self.shutdown_grace;
         let mut inputs = Vec::new();
-        let mut inert = Vec::new();
         let mut not_ready = Vec::new();
         // An explicit flag wins over the file's `loop` (the node's operator decides, as for the
         // HTTP endpoints); a file without `loop` does no check, as in CoreDNS.
@@ -1258,7 +1239,6 @@ impl Cli {
                     reload_interval = r.max(Duration::from_millis(100));
                 }
                 inputs.extend(m.inputs.iter().cloned());
-                inert = inert_settings(&m);
                 m.zones
             }
         };
@@ -1347,7 +1327,6 @@ impl Cli {
             inputs,
             reload_interval,
             shutdown_grace,
-            inert,
             cache_file: cache_file_path.map(|p| (p, cache_file_interval)),
             node: NodeOptions {
                 setup_interface: self.setup_interface,

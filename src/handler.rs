@@ -165,26 +165,18 @@ impl Handler {
         out: &mut Vec<u8>,
     ) -> Outcome {
         let (stale, refresh) = match fresh {
-            Freshness::Counted => {
+            Freshness::Fresh | Freshness::Counted | Freshness::RefreshDue => {
+                wire::render(response, view, now, limit, out);
                 // Prefetch AMOUNT counts every hit in a row, as CoreDNS's does, not only those in
-                // the refresh window.
-                wire::render(response, view, now, limit, out);
+                // the refresh window (`Counted`: before it); AMOUNT 1 needs no count.
                 let amount = response.prefetch_amount();
-                self.cache
-                    .count_hit(slot, amount, response.prefetch_gap_s(), now);
-                (false, None)
-            }
-            Freshness::Fresh | Freshness::RefreshDue => {
-                wire::render(response, view, now, limit, out);
-                let amount = response.prefetch_amount();
-                let due = amount <= 1
+                let reached = amount <= 1
                     || self
                         .cache
                         .count_hit(slot, amount, response.prefetch_gap_s(), now);
-                (
-                    false,
-                    (due && self.cache.try_begin_refresh(slot)).then_some(slot),
-                )
+                let claimed =
+                    fresh == Freshness::RefreshDue && reached && self.cache.try_begin_refresh(slot);
+                (false, claimed.then_some(slot))
             }
             Freshness::Stale => {
                 if response.stale_verify() && !self.cache.refresh_busy(slot) {

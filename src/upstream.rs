@@ -751,7 +751,9 @@ async fn probe_once(addr: SocketAddr, tcp: bool, timeout: Duration) -> bool {
         if tcp {
             tcp_oneshot(addr, &q, id, question).await
         } else {
-            udp::oneshot(addr, &q, id, question).await
+            // The reused socket of this thread (the probes run on the main runtime), with the
+            // default `expire`: the probe needs only the address, not a generation's zones.
+            udp::exchange(addr, model::ForwardOptions::default().expire, &q, question).await
         }
     };
     matches!(tokio::time::timeout(timeout, fut).await, Ok(Ok(_)))

@@ -277,41 +277,6 @@ impl Conn {
     }
 }
 
-/// One UDP exchange from a fresh socket on a random port, connected so only the server's datagrams
-/// arrive; anything that does not match ID and question is ignored. For health probes, which run
-/// rarely and apart from the traffic.
-pub(super) async fn oneshot(
-    server: SocketAddr,
-    query: &[u8],
-    id: u16,
-    question: &[u8],
-) -> Result<Vec<u8>, AttemptError> {
-    let sock = UdpSocket::bind(unspecified_for(server))
-        .await
-        .map_err(|e| io_to_attempt(&e))?;
-    sock.connect(server).await.map_err(|e| io_to_attempt(&e))?;
-    sock.send(query).await.map_err(|e| io_to_attempt(&e))?;
-    let mut buf = Vec::with_capacity(UDP_REPLY_MAX + 1);
-    loop {
-        buf.clear();
-        sock.recv_buf(&mut buf)
-            .await
-            .map_err(|e| io_to_attempt(&e))?;
-        match classify(&buf, id, question) {
-            Datagram::Answer => {
-                if buf.len() > UDP_REPLY_MAX {
-                    return Ok(truncated_reply(&buf, question.len()));
-                }
-                return Ok(buf);
-            }
-            Datagram::Malformed => return Err(AttemptError::Malformed),
-            Datagram::Foreign => {
-                tracing::debug!(%server, "ignoring a UDP reply that does not match the query");
-            }
-        }
-    }
-}
-
 /// What a datagram on a connected socket is (the kernel delivers only the server's address and
 /// port to it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
