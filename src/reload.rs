@@ -246,12 +246,24 @@ impl Reloader {
                 }
                 _ = stop.changed() => return,
             };
+            // What the reload reads is at least as new as this fingerprint, taken before it. Taken
+            // after, it also covered a change written while the reload ran (the kubelet's next
+            // ConfigMap swap), which was then never reloaded (a flake of config_e2e showed it).
+            let before = self.current.inputs.clone();
+            if why != "changed input" {
+                let inputs = before.clone();
+                seen = tokio::task::spawn_blocking(move || fingerprint(&inputs))
+                    .await
+                    .unwrap_or(seen);
+            }
             self.reload(why).await;
-            // The applied (or kept) configuration's inputs are what the next poll compares.
-            let inputs = self.current.inputs.clone();
-            seen = tokio::task::spawn_blocking(move || fingerprint(&inputs))
-                .await
-                .unwrap_or(seen);
+            if self.current.inputs != before {
+                // Other files now (a reload can add or drop one): compare those from here on.
+                let inputs = self.current.inputs.clone();
+                seen = tokio::task::spawn_blocking(move || fingerprint(&inputs))
+                    .await
+                    .unwrap_or(seen);
+            }
         }
     }
 }

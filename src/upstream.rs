@@ -973,13 +973,14 @@ impl TcpPool {
     }
 }
 
-/// Removes a waiter whose caller gave up (timeout), so late replies are dropped.
-struct PendingGuard<'a> {
-    pending: &'a Pending,
+/// Removes a waiter whose caller gave up (timeout), so late replies are dropped: the pending map
+/// of a TCP connection or of a reused UDP socket (`udp`).
+struct PendingGuard<'a, V> {
+    pending: &'a Mutex<HashMap<u16, V>>,
     id: u16,
 }
 
-impl Drop for PendingGuard<'_> {
+impl<V> Drop for PendingGuard<'_, V> {
     fn drop(&mut self) {
         if let Ok(mut p) = self.pending.lock() {
             p.remove(&self.id);

@@ -28,7 +28,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 
-use super::{AttemptError, free_id, io_to_attempt, matches, unspecified_for};
+use super::{AttemptError, PendingGuard, free_id, io_to_attempt, matches, unspecified_for};
 use crate::wire;
 
 /// The largest UDP reply read whole. nodedns advertises 1232 bytes (RFC 9715's default), so 4 KiB
@@ -71,8 +71,9 @@ thread_local! {
         RefCell::new(HashMap::new());
 }
 
-/// Sends `query` (built with ID `id` for `question`) to `server` and waits for the reply. The
-/// caller bounds the wait (its attempt timeout); giving up drops the query's place on the socket.
+/// Sends `query` (a query for `question`, under the caller's ID) to `server` and waits for the
+/// reply, which carries the caller's ID back. The caller bounds the wait (its attempt timeout);
+/// giving up drops the query's place on the socket.
 pub(super) async fn exchange(
     server: SocketAddr,
     expire: Duration,
@@ -101,7 +102,10 @@ pub(super) async fn exchange(
         );
         id
     };
-    let _guard = WaiterGuard { conn: &conn, id };
+    let _guard = PendingGuard {
+        pending: &conn.pending,
+        id,
+    };
     let sent = if id == caller_id {
         conn.sock.send(query).await
     } else {
@@ -112,20 +116,6 @@ pub(super) async fn exchange(
     sent.map_err(|e| io_to_attempt(&e))?;
     // The sender goes only with the reader (its runtime ended): the socket is lost.
     rx.await.map_err(|_| AttemptError::Network)?
-}
-
-/// Removes a query that gave up (timeout, cancelled), so a late reply finds no one.
-struct WaiterGuard<'a> {
-    conn: &'a Conn,
-    id: u16,
-}
-
-impl Drop for WaiterGuard<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut p) = self.conn.pending.lock() {
-            p.remove(&self.id);
-        }
-    }
 }
 
 /// This thread's socket to `server` on the current runtime: the one in use, or a new one when it
